@@ -1,0 +1,39 @@
+# One entry point for every check; CI (.ci/run) calls exactly these targets.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "reinitd needs Python 3.11 or newer")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+## Serve on 127.0.0.1:8080; without DATABASE_URL an embedded PostgreSQL starts under ./.reinitd/
+run: $(STAMP)
+	$(BIN)/reinitd serve
+
+## The whole test suite, against a PostgreSQL that the suite starts itself
+test: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check reinitd tests
+	$(BIN)/ruff format --check reinitd tests
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix reinitd tests
+	$(BIN)/ruff format reinitd tests
+
+bench: $(STAMP)
+	$(BIN)/python -m tests.benchmarks
+
+clean:
+	rm -rf $(VENV) .reinitd .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -1,0 +1,93 @@
+"""The application factory: routes, middleware, and one cleanup context per resource."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from reinitd import handler
+from reinitd.delivery import Resyncer, make_dispatcher
+from reinitd.event import CHANNEL
+from reinitd.hub import Hub
+from reinitd.keys import HUB, LIFECYCLE, LISTENER, POOL, RESYNCER, SETTINGS, Lifecycle
+from reinitd.listener import Listener
+from reinitd.middleware import request_context
+from reinitd.settings import Settings
+
+log = structlog.get_logger("reinitd.app")
+
+REINIT_PATH = "/api/v2/workspaceagents/me/reinit"
+
+
+async def _pool(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[POOL] = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=settings.pool_min_size,
+        max_size=settings.pool_max_size,
+    )
+    yield
+    await app[POOL].close()
+
+
+@contextlib.asynccontextmanager
+async def _tasks(*coros: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """Run background tasks for the duration of the block; cancel and await them after."""
+    tasks = [asyncio.create_task(coro) for coro in coros]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _pinger(hub: Hub, interval: float) -> None:
+    """One timer for every stream's keep-alive, instead of one per stream."""
+    while True:
+        await asyncio.sleep(interval)
+        hub.ping_all()
+
+
+async def _delivery(app: web.Application) -> AsyncIterator[None]:
+    settings, hub = app[SETTINGS], app[HUB]
+    resyncer = Resyncer(app[POOL], hub, interval=settings.resync_interval)
+    listener = Listener(
+        settings.listen_dsn,
+        (CHANNEL,),
+        make_dispatcher(hub, resyncer),
+        resyncer.request,
+        probe_interval=settings.probe_interval,
+        probe_timeout=settings.probe_timeout,
+    )
+    app[RESYNCER], app[LISTENER] = resyncer, listener
+    async with _tasks(listener.run(), resyncer.run(), _pinger(hub, settings.ping_interval)):
+        yield
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    """Readiness off, then end every open stream so shutdown does not wait on them."""
+    app[LIFECYCLE].stopping = True
+    log.info("streams_closing", open_streams=len(app[HUB]))
+    app[HUB].end_all("shutdown")
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[request_context])
+    app[SETTINGS] = settings
+    app[HUB] = Hub(queue_limit=settings.queue_limit)
+    app[LIFECYCLE] = Lifecycle()
+    app.cleanup_ctx.append(_pool)
+    app.cleanup_ctx.append(_delivery)
+    app.on_shutdown.append(_on_shutdown)
+    app.router.add_get(REINIT_PATH, handler.reinit, name="reinit", allow_head=False)
+    app.router.add_get("/healthz", handler.healthz, allow_head=False)
+    app.router.add_get("/readyz", handler.readyz, allow_head=False)
+    app.router.add_get("/metrics", handler.metrics_handler, allow_head=False)
+    return app

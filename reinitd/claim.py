@@ -1,0 +1,77 @@
+"""The durable check: what a workspace's builds say a waiting agent should get (SPEC §2)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import asyncpg
+
+from reinitd.event import PREBUILDS_USER_ID, ReinitEvent
+from reinitd.query import QUERIES
+
+NOT_WAITING_MESSAGE = "Workspace is not a prebuilt workspace waiting to be claimed."
+CLAIM_FAILED_MESSAGE = "Claim build failed permanently."
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Nothing to deliver yet: the claim has not happened or its build is still running."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    event: ReinitEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """A 409: the agent must stop waiting."""
+
+    message: str
+    detail: str
+
+
+Verdict = Wait | Deliver | Refuse
+
+
+class Row(Protocol):
+    """A `claim_states` row: an asyncpg Record, or a dict in tests."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+WAIT = Wait()
+
+
+def judge(row: Row | None, source: str) -> Verdict:
+    """Apply SPEC §2's `wait=true` rules to a `claim_states` row (None: workspace gone)."""
+    if row is None:
+        return Refuse(NOT_WAITING_MESSAGE, "The workspace no longer exists.")
+    owner: uuid.UUID = row["owner_id"]
+    if owner == PREBUILDS_USER_ID:
+        return WAIT
+    if row["first_initiator_id"] != PREBUILDS_USER_ID:
+        return Refuse(NOT_WAITING_MESSAGE, "The workspace was not created as a prebuild.")
+    if row["latest_stage"] != "claim":
+        return Refuse(
+            NOT_WAITING_MESSAGE,
+            f"The workspace was claimed in the past; its latest build is a "
+            f"{row['latest_stage']!r} build.",
+        )
+    match row["latest_status"]:
+        case "failed":
+            return Refuse(CLAIM_FAILED_MESSAGE, row["latest_error"] or "")
+        case "succeeded":
+            return Deliver(ReinitEvent(row["workspace_id"], owner_id=owner, source=source))
+        case _:
+            return WAIT
+
+
+async def read_verdicts(
+    db: asyncpg.Pool | asyncpg.Connection, workspace_ids: Sequence[uuid.UUID], source: str
+) -> dict[uuid.UUID, Verdict]:
+    """One round trip: the verdict for every workspace in `workspace_ids`."""
+    rows = await db.fetch(QUERIES["claim_states"], workspace_ids)
+    found: dict[uuid.UUID, Row] = {row["workspace_id"]: row for row in rows}
+    return {ws: judge(found.get(ws), source) for ws in workspace_ids}

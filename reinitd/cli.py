@@ -1,0 +1,276 @@
+"""The `reinitd` command line: serve, migrate, agent."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from reinitd import __version__
+from reinitd import log as logsetup
+from reinitd.app import create_app
+from reinitd.keys import LIFECYCLE
+from reinitd.migration import migrate
+from reinitd.postgres import Cluster, PostgresError, ensure_cluster
+from reinitd.query import QUERIES
+from reinitd.settings import Settings
+
+log = structlog.get_logger("reinitd.cli")
+
+EMBEDDED_DIR = Path(".reinitd")
+
+
+def _env_default(var: str, default: Any, kind: Callable[[str], Any] = str) -> Any:
+    raw = os.environ.get(var)
+    if raw is None or raw == "":
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        sys.exit(f"reinitd: invalid value for {var}: {raw!r}")
+
+
+def _option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    var: str,
+    default: Any,
+    help_text: str,
+    *,
+    kind: Callable[[str], Any] = str,
+    **extra: Any,
+) -> None:
+    shown = "unset" if default is None else default
+    parser.add_argument(
+        flag,
+        default=_env_default(var, default, kind),
+        type=kind,
+        help=f"{help_text} [env {var}; default: {shown}]",
+        **extra,
+    )
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    _option(
+        parser,
+        "--log-level",
+        "REINITD_LOG_LEVEL",
+        "info",
+        "log level",
+        choices=["debug", "info", "warning", "error"],
+    )
+    _option(
+        parser,
+        "--log-format",
+        "REINITD_LOG_FORMAT",
+        "auto",
+        "log format; auto is console on a terminal, JSON lines otherwise",
+        choices=["auto", "json", "console"],
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reinitd",
+        description="Tells the agent of a prebuilt workspace the moment a user claims it.",
+        epilog="Every option can also be set from the environment variable named in brackets.",
+    )
+    parser.add_argument("--version", action="version", version=f"reinitd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the reinit endpoint",
+        description="Serve GET /api/v2/workspaceagents/me/reinit, /healthz, /readyz and "
+        "/metrics. Applies missing migrations first. Without a database URL, starts an "
+        f"embedded PostgreSQL under ./{EMBEDDED_DIR}/ and prints its DSN for psql. "
+        "Stops cleanly on SIGINT/SIGTERM, closing open streams.",
+    )
+    _option(serve, "--host", "REINITD_HOST", "127.0.0.1", "address to listen on")
+    _option(serve, "--port", "REINITD_PORT", 8080, "TCP port to listen on", kind=int)
+    _option(
+        serve,
+        "--database-url",
+        "DATABASE_URL",
+        None,
+        "libpq URL of PostgreSQL; unset: an embedded one under ./.reinitd/",
+    )
+    _option(
+        serve,
+        "--listen-database-url",
+        "REINITD_LISTEN_DATABASE_URL",
+        None,
+        "separate URL for the LISTEN connection (straight to PostgreSQL when queries go "
+        "through a transaction-pooling PgBouncer); unset: the database URL",
+    )
+    _option(
+        serve,
+        "--ping-interval",
+        "REINITD_PING_INTERVAL",
+        15.0,
+        "seconds between keep-alive frames on open streams",
+        kind=_positive,
+    )
+    _option(
+        serve,
+        "--write-timeout",
+        "REINITD_WRITE_TIMEOUT",
+        10.0,
+        "seconds a client may stall a write before it is disconnected",
+        kind=_positive,
+    )
+    _option(
+        serve,
+        "--resync-interval",
+        "REINITD_RESYNC_INTERVAL",
+        30.0,
+        "seconds between safety-net re-reads of the builds waited on",
+        kind=_positive,
+    )
+    _option(
+        serve,
+        "--probe-interval",
+        "REINITD_PROBE_INTERVAL",
+        2.0,
+        "seconds between probes of an idle LISTEN connection",
+        kind=_positive,
+    )
+    _option(
+        serve,
+        "--shutdown-timeout",
+        "REINITD_SHUTDOWN_TIMEOUT",
+        5.0,
+        "seconds to wait for requests to finish on shutdown",
+        kind=_positive,
+    )
+    _common(serve)
+
+    mig = commands.add_parser(
+        "migrate",
+        help="apply missing schema migrations",
+        description="Apply the migrations under sql/migrations that the database is missing. "
+        "Idempotent; safe when several replicas run it at once.",
+    )
+    _option(mig, "--database-url", "DATABASE_URL", None, "libpq URL of PostgreSQL (required)")
+    _common(mig)
+    return parser
+
+
+async def _ensure_database(cluster: Cluster) -> str:
+    conn: asyncpg.Connection = await asyncpg.connect(cluster.dsn())
+    try:
+        if not await conn.fetchval(QUERIES["database_exists"]):
+            await conn.execute(QUERIES["create_database"])
+    finally:
+        await conn.close()
+    return cluster.dsn("reinitd")
+
+
+def _start_embedded() -> tuple[Cluster, str]:
+    print(f"reinitd: starting embedded PostgreSQL under ./{EMBEDDED_DIR}/ ...", file=sys.stderr)
+    cluster = ensure_cluster(EMBEDDED_DIR.resolve() / "data")
+    dsn = asyncio.run(_ensure_database(cluster))
+    print(f"reinitd: embedded PostgreSQL is ready:  psql '{dsn}'", file=sys.stderr)
+    log.info("embedded_postgres_ready", dsn=dsn)
+    return cluster, dsn
+
+
+async def run_server(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM, then stop accepting, end open streams and exit."""
+    await migrate(settings.database_url)
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log_class=logsetup.AccessLogger,
+        shutdown_timeout=settings.shutdown_timeout,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=settings.backlog)
+    await site.start()
+    log.info("server_started", url=f"http://{settings.host}:{settings.port}")
+    print(f"reinitd: serving on http://{settings.host}:{settings.port}", file=sys.stderr)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    started = time.monotonic()
+    app[LIFECYCLE].stopping = True
+    log.info("server_stopping")
+    await runner.cleanup()
+    log.info("server_stopped", duration_s=round(time.monotonic() - started, 3))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    cluster = None
+    dsn = args.database_url
+    if not dsn:
+        cluster, dsn = _start_embedded()
+    try:
+        asyncio.run(
+            run_server(
+                Settings(
+                    database_url=dsn,
+                    listen_database_url=args.listen_database_url,
+                    host=args.host,
+                    port=args.port,
+                    ping_interval=args.ping_interval,
+                    write_timeout=args.write_timeout,
+                    resync_interval=args.resync_interval,
+                    probe_interval=args.probe_interval,
+                    shutdown_timeout=args.shutdown_timeout,
+                )
+            )
+        )
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    if not args.database_url:
+        print("reinitd migrate: --database-url (or DATABASE_URL) is required", file=sys.stderr)
+        return 2
+    applied = asyncio.run(migrate(args.database_url))
+    print(
+        f"reinitd: {len(applied)} migration(s) applied: {', '.join(applied) or 'none'}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logsetup.configure(args.log_level, args.log_format)
+    commands = {"serve": _serve, "migrate": _migrate}
+    try:
+        return commands[args.command](args)
+    except PostgresError as exc:
+        print(f"reinitd: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"reinitd: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""HTTP handlers: the reinit endpoint (SSE and JSON long-poll), health, readiness, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import re
+import time
+import uuid
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from reinitd import metrics
+from reinitd.claim import Deliver, Refuse, read_verdicts
+from reinitd.event import PING_FRAME, ReinitEvent, error_frame
+from reinitd.hub import End, Subscription
+from reinitd.keys import HUB, LIFECYCLE, LISTENER, POOL, SETTINGS
+from reinitd.query import QUERIES
+
+log = structlog.get_logger("reinitd.handler")
+
+TOKEN_HEADER = "Coder-Session-Token"  # noqa: S105 -- a header name, not a secret
+TOKEN_PARAM = "coder_session_token"  # noqa: S105 -- a parameter name
+MAX_POLL_TIMEOUT = 300.0
+DEFAULT_POLL_TIMEOUT = 30.0
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+_CANONICAL_UUID = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE
+)
+_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+
+
+class ApiError(Exception):
+    """Answered as JSON `{"message", "detail"}` with `status`."""
+
+    def __init__(self, status: int, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.detail = detail
+
+
+def parse_bool(value: str | None) -> bool:
+    """Go's strconv.ParseBool truth values; anything else, or nothing, is false."""
+    return value in _GO_TRUE
+
+
+def token_hash(request: web.Request) -> bytes:
+    """sha256 of the agent token's canonical text, from header, query parameter or cookie."""
+    raw = (
+        request.headers.get(TOKEN_HEADER)
+        or request.query.get(TOKEN_PARAM)
+        or request.cookies.get(TOKEN_PARAM)
+    )
+    if not raw:
+        raise ApiError(
+            401,
+            "Unauthorized.",
+            f"No agent token: send the {TOKEN_HEADER} header, or the {TOKEN_PARAM} "
+            "query parameter or cookie.",
+        )
+    raw = raw.strip()
+    if not _CANONICAL_UUID.fullmatch(raw):
+        raise ApiError(401, "Unauthorized.", "The agent token is malformed: it must be a UUID.")
+    return hashlib.sha256(raw.lower().encode()).digest()
+
+
+def parse_timeout(value: str | None) -> float:
+    if value is None:
+        return DEFAULT_POLL_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= MAX_POLL_TIMEOUT:  # also rejects nan
+        raise ApiError(
+            400,
+            "Invalid query parameter.",
+            f"timeout must be a number of seconds from 0 to {MAX_POLL_TIMEOUT:g}.",
+        )
+    return seconds
+
+
+def wants_json(request: web.Request) -> bool:
+    accept = request.headers.get("Accept", "")
+    return "application/json" in accept and "text/event-stream" not in accept
+
+
+async def reinit(request: web.Request) -> web.StreamResponse:
+    """GET /api/v2/workspaceagents/me/reinit: wait for this agent's workspace to be claimed."""
+    app = request.app
+    digest = token_hash(request)
+    wait = parse_bool(request.query.get("wait"))
+    poll_timeout = parse_timeout(request.query.get("timeout")) if wants_json(request) else None
+    pool = app[POOL]
+    agent = await pool.fetchrow(QUERIES["agent_by_token_hash"], digest)
+    if agent is None:
+        raise ApiError(401, "Unauthorized.", "The agent token is not known.")
+    workspace_id: uuid.UUID = agent["workspace_id"]
+    structlog.contextvars.bind_contextvars(workspace_id=str(workspace_id))
+
+    # Register first, read second: a claim committed at any instant is seen by one of them.
+    with app[HUB].subscribe(workspace_id, wait=wait) as sub:
+        if wait:
+            if (seam := app[LIFECYCLE].before_durable_check) is not None:
+                await seam(workspace_id)
+            with metrics.DURABLE_CHECK_SECONDS.time():
+                verdict = (await read_verdicts(pool, [workspace_id], "seeded"))[workspace_id]
+            if isinstance(verdict, Refuse):
+                raise ApiError(409, verdict.message, verdict.detail)
+            if isinstance(verdict, Deliver):
+                sub.offer(verdict.event)
+        label = "true" if wait else "false"
+        metrics.OPEN_STREAMS.labels(label).inc()
+        log.info("agent_waiting", wait=wait, mode="json" if poll_timeout is not None else "sse")
+        try:
+            if poll_timeout is not None:
+                return await _long_poll(sub, poll_timeout)
+            return await _stream(request, sub)
+        finally:
+            metrics.OPEN_STREAMS.labels(label).dec()
+
+
+def _delivered(event: ReinitEvent) -> None:
+    metrics.EVENTS_DELIVERED.labels(event.source).inc()
+    if event.received_at:
+        metrics.NOTIFY_TO_WRITE_SECONDS.observe(time.monotonic() - event.received_at)
+    log.info("reinit_delivered", path=event.source, owner_id=str(event.owner_id))
+
+
+async def _long_poll(sub: Subscription, seconds: float) -> web.Response:
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                item = await sub.next()
+                if isinstance(item, ReinitEvent):
+                    _delivered(item)
+                    return web.Response(text=item.to_json(), content_type="application/json")
+                if isinstance(item, End):
+                    if item.refusal is not None:
+                        raise ApiError(409, item.refusal.message, item.refusal.detail)
+                    raise ApiError(
+                        503, "Service unavailable.", f"The wait ended ({item.why}); retry."
+                    )
+    except TimeoutError:
+        return web.Response(status=204)
+
+
+async def _stream(request: web.Request, sub: Subscription) -> web.StreamResponse:
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    response.force_close()
+    await response.prepare(request)  # a StreamResponse sends its headers at once
+    write_timeout = request.app[SETTINGS].write_timeout
+    while True:
+        item = await sub.next()
+        if isinstance(item, End):
+            frame = (
+                None
+                if item.refusal is None
+                else error_frame(item.refusal.message, item.refusal.detail)
+            )
+            log.info("stream_ended", why=item.why)
+        else:
+            frame = item.frame() if isinstance(item, ReinitEvent) else PING_FRAME
+        if frame is not None:
+            try:
+                async with asyncio.timeout(write_timeout):
+                    await response.write(frame)
+            except TimeoutError:
+                metrics.STALLED_CLIENTS.inc()
+                log.warning("client_stalled", write_timeout_s=write_timeout)
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            except ConnectionError:
+                return response  # the agent hung up; it will reconnect
+        if isinstance(item, ReinitEvent):
+            _delivered(item)
+        elif isinstance(item, End):
+            return response
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 only while the listener is connected and the database answers."""
+    app = request.app
+    problems = []
+    if app[LIFECYCLE].stopping:
+        problems.append("server is stopping")
+    if not app[LISTENER].connected:
+        problems.append("listener is not connected")
+    try:
+        async with asyncio.timeout(1.0):
+            await app[POOL].fetchval(QUERIES["ping"])
+    except Exception as exc:  # any failure means not ready
+        problems.append(f"database does not answer: {type(exc).__name__}")
+    if problems:
+        return web.json_response(
+            {"message": "Not ready.", "detail": "; ".join(problems)}, status=503
+        )
+    return web.json_response({"status": "ready"})
+
+
+async def metrics_handler(_request: web.Request) -> web.Response:
+    response = web.Response(body=generate_latest())
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    response.charset = "utf-8"
+    return response

@@ -1,0 +1,169 @@
+"""Fan-out of claims to the bounded per-request subscriptions waiting on each workspace."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final
+
+import structlog
+
+from reinitd import metrics
+from reinitd.claim import Deliver, Refuse, Verdict
+from reinitd.event import ReinitEvent
+
+log = structlog.get_logger("reinitd.hub")
+
+
+class Ping:
+    """Time for a keep-alive frame."""
+
+
+PING: Final = Ping()
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """The stream must end: `why` is shutdown, overflow or refused (then with a `refusal`)."""
+
+    why: str
+    refusal: Refuse | None = None
+
+
+Item = ReinitEvent | Ping | End
+
+
+class Subscription:
+    """One request's mailbox: distinct events (bounded), a ping flag and an end marker.
+
+    Producers never block and never await a client: `offer`, `ping` and `end` are synchronous.
+    A stream delivers each distinct event (reason, owner) at most once, so the durable read, the
+    NOTIFY and a resync may all see the same claim and the agent still gets one frame.
+    """
+
+    __slots__ = ("_end", "_events", "_ping", "_seen", "_waiter", "limit", "wait", "workspace_id")
+
+    def __init__(self, workspace_id: uuid.UUID, *, wait: bool, limit: int) -> None:
+        self.workspace_id = workspace_id
+        self.wait = wait
+        self.limit = limit
+        self._events: list[ReinitEvent] = []
+        self._seen: set[tuple[str, uuid.UUID | None]] = set()
+        self._waiter: asyncio.Future[None] | None = None
+        self._ping = False
+        self._end: End | None = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def offer(self, event: ReinitEvent) -> bool:
+        """Queue `event` unless already seen; on overflow the stream ends. True if queued."""
+        key = (event.reason, event.owner_id)
+        if self._end is not None or key in self._seen:
+            return False
+        if len(self._events) >= self.limit:
+            metrics.QUEUE_OVERFLOWS.inc()
+            log.warning(
+                "subscriber_overflow", workspace_id=str(self.workspace_id), queued=len(self._events)
+            )
+            self.end(End("overflow"))
+            return False
+        self._seen.add(key)
+        self._events.append(event)
+        self._wake()
+        return True
+
+    def ping(self) -> None:
+        self._ping = True
+        self._wake()
+
+    def end(self, end: End) -> None:
+        if self._end is None:
+            self._end = end
+            self._wake()
+
+    def _take(self) -> Item | None:
+        if self._events:
+            return self._events.pop(0)
+        if self._end is not None:
+            return self._end
+        if self._ping:
+            self._ping = False
+            return PING
+        return None
+
+    async def next(self) -> Item:
+        """The next thing to write: queued events first, then the end, then a ping."""
+        while (item := self._take()) is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return item
+
+
+class Hub:
+    """Subscriptions by workspace id; delivery to a workspace costs O(its own waiters)."""
+
+    def __init__(self, *, queue_limit: int = 16) -> None:
+        self.queue_limit = queue_limit
+        self._subs: dict[uuid.UUID, set[Subscription]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    @contextmanager
+    def subscribe(self, workspace_id: uuid.UUID, *, wait: bool) -> Iterator[Subscription]:
+        """Register a subscription for the duration of the block, whatever ends it."""
+        sub = Subscription(workspace_id, wait=wait, limit=self.queue_limit)
+        self._subs.setdefault(workspace_id, set()).add(sub)
+        self._count += 1
+        try:
+            yield sub
+        finally:
+            subs = self._subs.get(workspace_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subs[workspace_id]
+            self._count -= 1
+
+    def publish(self, event: ReinitEvent) -> int:
+        """Offer a NOTIFY'd claim to every stream of its workspace; returns how many took it."""
+        return sum(sub.offer(event) for sub in self._subs.get(event.workspace_id, ()))
+
+    def has_waiters(self, workspace_id: uuid.UUID) -> bool:
+        return any(sub.wait for sub in self._subs.get(workspace_id, ()))
+
+    def waiting_workspaces(self) -> list[uuid.UUID]:
+        """Workspaces with at least one `wait=true` stream: what a resync must re-read."""
+        return [ws for ws, subs in self._subs.items() if any(s.wait for s in subs)]
+
+    def settle(self, workspace_id: uuid.UUID, verdict: Verdict) -> int:
+        """Apply a durable-check verdict to the `wait=true` streams of a workspace."""
+        applied = 0
+        for sub in list(self._subs.get(workspace_id, ())):
+            if not sub.wait:
+                continue  # older agents are never pre-seeded: they would loop
+            if isinstance(verdict, Deliver):
+                applied += sub.offer(verdict.event)
+            elif isinstance(verdict, Refuse):
+                sub.end(End("refused", verdict))
+                applied += 1
+        return applied
+
+    def ping_all(self) -> None:
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.ping()
+
+    def end_all(self, why: str) -> None:
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                sub.end(End(why))

@@ -1,0 +1,32 @@
+"""Every typed application key in one place."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import asyncpg
+from aiohttp import web
+
+from reinitd.delivery import Resyncer
+from reinitd.hub import Hub
+from reinitd.listener import Listener
+from reinitd.settings import Settings
+
+
+@dataclass
+class Lifecycle:
+    """Mutable run state (an app's own keys are frozen once it starts)."""
+
+    stopping: bool = False
+    # Test seam: awaited after the queue is registered and before the build read.
+    before_durable_check: Callable[[uuid.UUID], Awaitable[None]] | None = None
+
+
+SETTINGS = web.AppKey("settings", Settings)
+HUB = web.AppKey("hub", Hub)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+POOL = web.AppKey("pool", asyncpg.Pool)
+LISTENER = web.AppKey("listener", Listener)
+RESYNCER = web.AppKey("resyncer", Resyncer)

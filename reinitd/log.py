@@ -1,0 +1,74 @@
+"""structlog set-up: JSON lines off a terminal, console on one; stdlib logs routed through it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal
+
+import structlog
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web import BaseRequest, StreamResponse
+
+LogFormat = Literal["json", "console", "auto"]
+
+
+def configure(level: str = "info", fmt: LogFormat = "auto") -> None:
+    """Configure structlog and the stdlib root logger to write one event per line to stdout."""
+    if fmt == "auto":
+        fmt = "console" if sys.stdout.isatty() else "json"
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # asyncpg and aiohttp are chatty at debug; their warnings still come through.
+    for noisy in ("asyncio", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+_access = structlog.get_logger("reinitd.access")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One `http_request` line per request; never the query string (it may hold a token)."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        _access.info(
+            "http_request",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            duration_s=round(time, 4),
+            remote=request.remote,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return True

@@ -1,0 +1,43 @@
+"""Prometheus metrics, defined once at import (registering twice raises)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+OPEN_STREAMS = Gauge("reinitd_open_streams", "Reinit requests currently waiting", ["wait"])
+EVENTS_DELIVERED = Counter(
+    "reinitd_events_delivered_total",
+    "Reinit events written to agents, by how they were found",
+    ["path"],
+)
+PAYLOADS_RECEIVED = Counter("reinitd_claim_payloads_total", "NOTIFY payloads received")
+PAYLOADS_INVALID = Counter(
+    "reinitd_claim_payloads_invalid_total", "NOTIFY payloads ignored as invalid", ["kind"]
+)
+LISTENER_CONNECTED = Gauge(
+    "reinitd_listener_connected", "1 while the LISTEN connection is up, else 0"
+)
+LISTENER_RECONNECTS = Counter(
+    "reinitd_listener_reconnects_total", "LISTEN connections re-established after a loss"
+)
+RESYNC_RUNS = Counter("reinitd_resync_runs_total", "Resyncs of waiting streams", ["outcome"])
+RESYNC_SECONDS = Histogram(
+    "reinitd_resync_duration_seconds", "Duration of one resync", buckets=_FAST_BUCKETS
+)
+DURABLE_CHECK_SECONDS = Histogram(
+    "reinitd_durable_check_duration_seconds",
+    "Duration of the per-request build read",
+    buckets=_FAST_BUCKETS,
+)
+RESPONSES = Counter("reinitd_responses_total", "Reinit responses by status", ["status"])
+NOTIFY_TO_WRITE_SECONDS = Histogram(
+    "reinitd_notify_to_write_seconds",
+    "From the listener's receipt of a NOTIFY to the frame written",
+    buckets=_FAST_BUCKETS,
+)
+QUEUE_OVERFLOWS = Counter(
+    "reinitd_queue_overflows_total", "Streams ended because their bounded queue overflowed"
+)
+STALLED_CLIENTS = Counter(
+    "reinitd_stalled_clients_total", "Streams ended because the client stopped reading"
+)

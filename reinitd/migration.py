@@ -1,0 +1,36 @@
+"""Apply the ordered `sql/migrations/*.sql` files that a database is missing."""
+
+from __future__ import annotations
+
+import asyncpg
+import structlog
+
+from reinitd.query import QUERIES, migrations
+
+log = structlog.get_logger("reinitd.migration")
+
+
+async def migrate(dsn: str) -> list[str]:
+    """Apply missing migrations in one transaction; returns the names applied.
+
+    An advisory lock taken first serialises replicas that start at once: the second waits,
+    then finds everything recorded and applies nothing.
+    """
+    conn: asyncpg.Connection = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute(QUERIES["migration_lock"])
+            await conn.execute(QUERIES["migration_table"])
+            done = {row["name"] for row in await conn.fetch(QUERIES["applied_migrations"])}
+            applied = []
+            for name, sql in migrations():
+                if name in done:
+                    continue
+                log.info("migration_applying", migration=name)
+                await conn.execute(sql)
+                await conn.execute(QUERIES["record_migration"], name)
+                applied.append(name)
+    finally:
+        await conn.close()
+    log.info("migrations_done", applied=applied, already=len(done))
+    return applied

@@ -1,0 +1,53 @@
+-- Named queries, loaded once by reinitd.query: a block starts with a line `-- name --`.
+
+-- agent_by_token_hash --
+-- Resolves an agent token (its sha256) to the agent and its workspace: one round trip.
+SELECT id AS agent_id, workspace_id
+FROM reinitd.workspace_agents
+WHERE token_hash = $1
+
+-- claim_states --
+-- What the durable check needs for each workspace, batched: the owner, who initiated
+-- build 1, and the latest build. The same query serves one request and a whole resync.
+SELECT w.id AS workspace_id,
+       w.owner_id,
+       first_build.initiator_id AS first_initiator_id,
+       latest.stage AS latest_stage,
+       latest.status AS latest_status,
+       latest.error AS latest_error
+FROM reinitd.workspaces AS w
+LEFT JOIN reinitd.workspace_builds AS first_build
+       ON first_build.workspace_id = w.id AND first_build.build_number = 1
+LEFT JOIN LATERAL (
+    SELECT b.stage, b.status, b.error
+    FROM reinitd.workspace_builds AS b
+    WHERE b.workspace_id = w.id
+    ORDER BY b.build_number DESC
+    LIMIT 1
+) AS latest ON true
+WHERE w.id = ANY($1::uuid[])
+
+-- migration_lock --
+SELECT pg_advisory_xact_lock(hashtext('reinitd.migrate'))
+
+-- migration_table --
+CREATE SCHEMA IF NOT EXISTS reinitd;
+CREATE TABLE IF NOT EXISTS reinitd.schema_migrations (
+    name       text PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+
+-- applied_migrations --
+SELECT name FROM reinitd.schema_migrations
+
+-- record_migration --
+INSERT INTO reinitd.schema_migrations (name) VALUES ($1)
+
+-- ping --
+SELECT 1
+
+-- database_exists --
+SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'reinitd')
+
+-- create_database --
+CREATE DATABASE reinitd
