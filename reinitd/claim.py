@@ -41,6 +41,8 @@ class Row(Protocol):
     """A `claim_states` row: an asyncpg Record, or a dict in tests."""
 
     def __getitem__(self, key: str, /) -> Any: ...
+
+
 WAIT = Wait()
 
 

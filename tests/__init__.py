@@ -1,0 +1,1 @@
+"""reinitd test suite."""

@@ -1,0 +1,118 @@
+"""Fixtures: one real PostgreSQL per test session, and reinitd apps served against it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from reinitd.app import create_app
+from reinitd.keys import LISTENER
+from reinitd.migration import migrate
+from reinitd.postgres import Cluster, ensure_cluster
+from reinitd.query import QUERIES
+from reinitd.settings import Settings
+from tests.support import REINIT, Sql, Stream
+
+ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+ServerFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """A throwaway cluster (fsync off) for the whole session, removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="reinitd-test-pg-"))
+    os.chmod(root, 0o755)  # traversable by an unprivileged PostgreSQL user  # noqa: S103
+    cluster = ensure_cluster(root / "data", fsync=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _create_database(cluster: Cluster) -> str:
+    conn: asyncpg.Connection = await asyncpg.connect(cluster.dsn())
+    try:
+        if not await conn.fetchval(QUERIES["database_exists"]):
+            await conn.execute(QUERIES["create_database"])
+    finally:
+        await conn.close()
+    dsn = cluster.dsn("reinitd")
+    await migrate(dsn)
+    return dsn
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres: Cluster) -> str:
+    return asyncio.run(_create_database(postgres))
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    connection: asyncpg.Connection = await asyncpg.connect(database_url)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def sql(conn: asyncpg.Connection) -> Sql:
+    return Sql(conn)
+
+
+@pytest.fixture
+def make_server(aiohttp_client: ClientFactory, database_url: str) -> ServerFactory:
+    """Start a reinitd app on a free port; keyword arguments override Settings fields."""
+
+    async def start(**overrides: Any) -> TestClient[web.Request, web.Application]:
+        base = Settings(database_url=database_url, probe_interval=0.5, write_timeout=2.0)
+        settings = dataclasses.replace(base, **overrides)
+        client = await aiohttp_client(create_app(settings))
+        await asyncio.wait_for(client.app[LISTENER].wait_connected(), 10)
+        return client
+
+    return start
+
+
+@pytest.fixture
+async def client(make_server: ServerFactory) -> TestClient[web.Request, web.Application]:
+    return await make_server()
+
+
+async def open_stream(
+    client: TestClient[web.Request, web.Application],
+    token: str,
+    *,
+    wait: bool = True,
+    headers: dict[str, str] | None = None,
+) -> Stream:
+    """GET the reinit endpoint as an agent does and check the stream's headers."""
+    response = await client.get(
+        REINIT,
+        params={"wait": "true"} if wait else {},
+        headers={"Coder-Session-Token": token, **(headers or {})},
+    )
+    assert response.status == 200, await response.text()
+    assert response.headers["Content-Type"] == "text/event-stream"
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    return Stream(response)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -1,0 +1,134 @@
+"""Test helpers: a strict SSE frame reader, SQL API shortcuts, bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+REINIT = "/api/v2/workspaceagents/me/reinit"
+
+# SPEC §2, byte for byte: an event line, at most one data line, a blank line; no comments.
+_FRAME = re.compile(rb"event: (data|ping|error)\n(?:data: ([^\n]+)\n)?\n")
+_EVENT_KEYS = (["workspace_id", "reason", "owner_id"], ["workspace_id", "reason"])
+
+
+class FrameError(AssertionError):
+    """The server sent bytes that Coder's strict client would reject."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    event: str
+    data: dict[str, Any] | None
+
+
+def parse_frame(raw: bytes) -> Frame:
+    """Parse one frame, failing on anything SPEC §2 does not allow."""
+    match = _FRAME.fullmatch(raw)
+    if match is None:
+        raise FrameError(f"not a valid frame: {raw!r}")
+    event, data = match.group(1).decode(), match.group(2)
+    if event == "ping":
+        if data is not None:
+            raise FrameError(f"ping with data: {raw!r}")
+        return Frame("ping", None)
+    if data is None:
+        raise FrameError(f"{event} frame without data: {raw!r}")
+    parsed = json.loads(data)
+    if json.dumps(parsed, separators=(",", ":")).encode() != data:
+        raise FrameError(f"data is not compact JSON: {data!r}")
+    if event == "data" and list(parsed) not in _EVENT_KEYS:
+        raise FrameError(f"event keys out of order or unexpected: {list(parsed)}")
+    return Frame(event, parsed)
+
+
+class Stream:
+    """An open reinit SSE response, read frame by frame with bounded waits."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+
+    async def frame(self, timeout: float = 5.0) -> Frame:
+        raw = await asyncio.wait_for(self.response.content.readuntil(b"\n\n"), timeout)
+        if not raw.endswith(b"\n\n"):
+            raise EOFError(f"stream ended: {raw!r}")
+        return parse_frame(raw)
+
+    async def event(self, timeout: float = 5.0) -> Frame:
+        """The next non-ping frame."""
+        async with asyncio.timeout(timeout):
+            while (frame := await self.frame(timeout)).event == "ping":
+                pass
+        return frame
+
+    async def closed(self, timeout: float = 5.0) -> bytes:
+        """Wait for the server to end the stream; returns what came before the end."""
+        return await asyncio.wait_for(self.response.content.read(), timeout)
+
+
+@dataclass(frozen=True)
+class Agent:
+    workspace_id: uuid.UUID
+    agent_id: uuid.UUID
+    token: str
+
+
+class Sql:
+    """The SQL API of SPEC §1, as the provisioning system and DBAs call it."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def prebuild(self, name: str = "pb") -> Agent:
+        row = await self.conn.fetchrow("SELECT * FROM reinitd.create_prebuild($1)", name)
+        assert row is not None
+        return Agent(row["workspace_id"], row["agent_id"], row["agent_token"])
+
+    async def workspace(self, owner: uuid.UUID, name: str = "ws") -> Agent:
+        row = await self.conn.fetchrow(
+            "SELECT * FROM reinitd.create_workspace($1, $2)", name, owner
+        )
+        assert row is not None
+        return Agent(row["workspace_id"], row["agent_id"], row["agent_token"])
+
+    async def user(self) -> uuid.UUID:
+        value: uuid.UUID = await self.conn.fetchval(
+            "SELECT reinitd.create_user($1)", f"user-{uuid.uuid4().hex[:12]}"
+        )
+        return value
+
+    async def claim(
+        self, workspace_id: uuid.UUID, owner: uuid.UUID, *, complete: bool = True
+    ) -> uuid.UUID:
+        value: uuid.UUID = await self.conn.fetchval(
+            "SELECT reinitd.claim_prebuild($1, $2, $3)", workspace_id, owner, complete
+        )
+        return value
+
+    async def complete(self, build_id: uuid.UUID, error: str | None = None) -> None:
+        await self.conn.execute("SELECT reinitd.complete_build($1, $2)", build_id, error)
+
+    async def start_build(self, workspace_id: uuid.UUID, initiator: uuid.UUID) -> uuid.UUID:
+        value: uuid.UUID = await self.conn.fetchval(
+            "SELECT reinitd.start_build($1, $2)", workspace_id, initiator
+        )
+        return value
+
+    async def notify(self, payload: str) -> None:
+        await self.conn.execute("SELECT pg_notify('prebuild_claimed', $1)", payload)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
+    """Poll a condition with a bound: for state with no event to await."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+    assert predicate(), what
