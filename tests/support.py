@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
+import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
+from prometheus_client import REGISTRY
+
+from reinitd.postgres import free_port
 
 REINIT = "/api/v2/workspaceagents/me/reinit"
 
@@ -132,3 +140,77 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str =
         while not predicate():
             await asyncio.sleep(0.01)
     assert predicate(), what
+
+
+def sample(name: str, **labels: str) -> float:
+    """Current value of a metric sample in this process (0 when never touched)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@dataclass
+class ServerProcess:
+    """A `reinitd serve` subprocess, as an operator runs it."""
+
+    process: asyncio.subprocess.Process
+    url: str
+    log_path: Path
+
+    def log_events(self) -> list[dict[str, Any]]:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+@asynccontextmanager
+async def server_process(
+    database_url: str, log_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[ServerProcess]:
+    """Start `python -m reinitd serve` on a free port; wait for /readyz; stop it afterwards."""
+    port = free_port()
+    log_path = log_dir / f"serve-{port}.log"
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "reinitd",
+            "serve",
+            "--port",
+            str(port),
+            "--log-format",
+            "json",
+            *args,
+            env={**os.environ, "DATABASE_URL": database_url, **(env or {})},
+            stdout=log_file,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        async with aiohttp.ClientSession() as session, asyncio.timeout(30):
+            while True:
+                if process.returncode is not None:
+                    raise RuntimeError(f"server exited: {log_path.read_text()}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{server.url}/readyz") as response:
+                        if response.status == 200:
+                            break
+                await asyncio.sleep(0.05)
+        yield server
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 15)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def get_reinit(
+    http: aiohttp.ClientSession, base_url: str, token: str, *, wait: bool = True
+) -> aiohttp.ClientResponse:
+    """GET the reinit endpoint of a server process as an agent does."""
+    return await http.get(
+        f"{base_url}{REINIT}",
+        params={"wait": "true"} if wait else {},
+        headers={"Coder-Session-Token": token},
+    )

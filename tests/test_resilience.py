@@ -1,0 +1,266 @@
+"""SPEC §3 under fault injection: killed listener, restarted PostgreSQL, dead-but-quiet
+connections, stalled clients, floods, shutdown, and several replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from reinitd.keys import HUB, LISTENER
+from reinitd.postgres import Cluster
+from tests.conftest import ServerFactory, open_stream
+from tests.proxy import TcpProxy
+from tests.support import REINIT, Sql, Stream, get_reinit, sample, server_process, until
+
+Client = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture
+async def proxy(postgres: Cluster) -> AsyncIterator[TcpProxy]:
+    tcp = await TcpProxy("127.0.0.1", postgres.port).start()
+    try:
+        yield tcp
+    finally:
+        await tcp.close()
+
+
+async def proxied_server(
+    make_server: ServerFactory, proxy: TcpProxy, **overrides: object
+) -> Client:
+    """Queries go straight to PostgreSQL; the LISTEN connection goes through the proxy."""
+    return await make_server(listen_database_url=proxy.dsn("reinitd"), **overrides)
+
+
+def claimed(workspace_id: uuid.UUID, owner: uuid.UUID) -> dict[str, str]:
+    return {"workspace_id": str(workspace_id), "reason": "prebuild_claimed", "owner_id": str(owner)}
+
+
+async def test_claim_while_listener_backend_killed_is_delivered(
+    make_server: ServerFactory, proxy: TcpProxy, sql: Sql, conn: asyncpg.Connection
+) -> None:
+    """pg_terminate_backend on the listener, a claim before it reconnects: every agent gets it."""
+    client = await proxied_server(make_server, proxy)
+    agent = await sql.prebuild()
+    streams = [await open_stream(client, agent.token) for _ in range(3)]
+    listener = client.app[LISTENER]
+    assert listener.connection is not None
+    pid = listener.connection.get_server_pid()
+    before = sample("reinitd_events_delivered_total", path="resync")
+
+    proxy.refuse = True  # hold the reconnect until the claim has been committed
+    assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+    await until(lambda: not listener.connected, what="listener noticed the kill")
+    owner = await sql.user()
+    await sql.claim(agent.workspace_id, owner)  # announced to nobody
+    proxy.refuse = False
+
+    for stream in streams:
+        assert (await stream.event(timeout=10)).data == claimed(agent.workspace_id, owner)
+    assert sample("reinitd_events_delivered_total", path="resync") == before + 3
+
+
+async def test_postgres_restart_under_waiting_streams(
+    make_server: ServerFactory, proxy: TcpProxy, postgres: Cluster, database_url: str
+) -> None:
+    """The whole PostgreSQL restarted (fast) under waiting streams: the claim still arrives."""
+    client = await proxied_server(make_server, proxy)
+    setup: asyncpg.Connection = await asyncpg.connect(database_url)
+    agent = await Sql(setup).prebuild()
+    owner = await Sql(setup).user()
+    await setup.close()
+    streams = [await open_stream(client, agent.token) for _ in range(2)]
+    listener = client.app[LISTENER]
+
+    proxy.refuse = True
+    await asyncio.to_thread(postgres.restart)
+    await until(lambda: not listener.connected, what="listener noticed the restart")
+    after: asyncpg.Connection = await asyncpg.connect(database_url)
+    try:
+        await Sql(after).claim(agent.workspace_id, owner)
+    finally:
+        await after.close()
+    proxy.refuse = False
+
+    for stream in streams:
+        assert (await stream.event(timeout=15)).data == claimed(agent.workspace_id, owner)
+    await until(lambda: listener.connected, what="listener reconnected")
+
+
+async def test_dead_but_quiet_connection_is_noticed_by_the_probe(
+    make_server: ServerFactory, proxy: TcpProxy, sql: Sql
+) -> None:
+    """A blackholed LISTEN connection (no RST, no data) is found by the idle probe."""
+    client = await proxied_server(make_server, proxy, probe_interval=0.3, probe_timeout=0.5)
+    agent = await sql.prebuild()
+    stream = await open_stream(client, agent.token)
+    listener = client.app[LISTENER]
+    accepted = proxy.accepted
+
+    proxy.blackhole_all()
+    owner = await sql.user()
+    await sql.claim(agent.workspace_id, owner)  # its NOTIFY vanishes into the hole
+    # noticed within probe_interval + probe_timeout, then reconnected and resynced
+    assert (await stream.event(timeout=10)).data == claimed(agent.workspace_id, owner)
+    assert proxy.accepted > accepted
+    assert listener.connected
+
+
+async def test_stalled_client_and_duplicate_flood_do_not_delay_others(
+    make_server: ServerFactory, sql: Sql, conn: asyncpg.Connection
+) -> None:
+    """A client that stops reading is cut off after the write timeout; others are unaffected."""
+    client = await make_server(write_timeout=0.5)
+    stalled_agent, other = await sql.prebuild("stalled"), await sql.prebuild("other")
+    build = await sql.claim(stalled_agent.workspace_id, await sql.user(), complete=False)
+
+    # A raw client with a tiny receive buffer that never reads after the request.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", client.port))
+    request = (
+        f"GET {REINIT}?wait=true HTTP/1.1\r\nHost: x\r\n"
+        f"Coder-Session-Token: {stalled_agent.token}\r\n\r\n"
+    )
+    await loop.sock_sendall(sock, request.encode())
+    await until(lambda: len(client.app[HUB]) == 1, what="stalled stream registered")
+    other_stream = await open_stream(client, other.token)
+
+    stalled_before = sample("reinitd_stalled_clients_total")
+    # A 4 MB error frame can never fit in the stalled client's buffers.
+    await sql.complete(build, "x" * 4_000_000)
+    for _ in range(500):  # a flood of duplicate kicks for the stalled workspace
+        await sql.notify(str(stalled_agent.workspace_id))
+    owner = await sql.user()
+    await sql.claim(other.workspace_id, owner)
+    assert (await other_stream.event(timeout=5)).data == claimed(other.workspace_id, owner)
+    await until(
+        lambda: sample("reinitd_stalled_clients_total") == stalled_before + 1,
+        timeout=5,
+        what="stalled client disconnected",
+    )
+    sock.close()
+
+
+async def test_raising_dispatch_does_not_stop_the_listener(
+    make_server: ServerFactory, sql: Sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in dispatch loses nothing: the listener lives on and the safety-net resync delivers."""
+    client = await make_server(resync_interval=0.3)
+    hub = client.app[HUB]
+    real_publish = hub.publish
+    calls = 0
+
+    def flaky_publish(event: object) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected dispatch failure")
+        return real_publish(event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hub, "publish", flaky_publish)
+    first, second = await sql.prebuild(), await sql.prebuild()
+    first_stream = await open_stream(client, first.token)
+    second_stream = await open_stream(client, second.token)
+    owner = await sql.user()
+    await sql.claim(first.workspace_id, owner)  # dispatch raises
+    await sql.claim(second.workspace_id, owner)
+    assert (await second_stream.event()).data == claimed(second.workspace_id, owner)
+    assert (await first_stream.event(timeout=5)).data == claimed(first.workspace_id, owner)
+    assert client.app[LISTENER].connected
+
+
+async def test_garbage_notify_storm_leaves_listener_up(client: Client, sql: Sql) -> None:
+    """Hundreds of garbage payloads, then a real claim: delivered, listener still connected."""
+    agent = await sql.prebuild()
+    stream = await open_stream(client, agent.token)
+    for i in range(300):
+        await sql.notify(["{", "null", "x" * 3000, f'{{"workspace_id":"{i}"}}'][i % 4])
+    owner = await sql.user()
+    await sql.claim(agent.workspace_id, owner)
+    assert (await stream.event()).data == claimed(agent.workspace_id, owner)
+    assert client.app[LISTENER].connected
+
+
+async def test_readyz_is_503_while_listener_is_down(
+    make_server: ServerFactory, proxy: TcpProxy
+) -> None:
+    """/readyz reports the listener outage and recovers with it."""
+    client = await proxied_server(make_server, proxy)
+    assert (await client.get("/readyz")).status == 200
+    proxy.refuse = True
+    proxy.drop_all()
+    await until(lambda: not client.app[LISTENER].connected)
+    response = await client.get("/readyz")
+    assert response.status == 503
+    assert "listener" in (await response.json())["detail"]
+    assert (await client.get("/healthz")).status == 200
+    proxy.refuse = False
+    await asyncio.wait_for(client.app[LISTENER].wait_connected(), 10)
+    assert (await client.get("/readyz")).status == 200
+
+
+async def test_sigterm_ends_open_streams_and_exits(
+    database_url: str, sql: Sql, tmp_path: Path
+) -> None:
+    """SIGTERM: every open stream ends promptly and the process exits 0."""
+    agents = [await sql.prebuild() for _ in range(20)]
+    async with server_process(database_url, tmp_path) as server, aiohttp.ClientSession() as http:
+        responses = [await get_reinit(http, server.url, a.token) for a in agents]
+        assert all(r.status == 200 for r in responses)
+        server.process.send_signal(signal.SIGTERM)
+        ends = await asyncio.wait_for(
+            asyncio.gather(*(Stream(r).closed(timeout=10) for r in responses)), 10
+        )
+        assert all(b"event: data" not in end for end in ends)
+        assert await asyncio.wait_for(server.process.wait(), 10) == 0
+    events = [e["event"] for e in server.log_events()]
+    assert events.index("server_stopping") < events.index("server_stopped")
+
+
+async def test_two_replicas_each_deliver_to_their_agents(
+    database_url: str, sql: Sql, tmp_path: Path
+) -> None:
+    """Two `reinitd serve` processes on one database: a claim reaches agents on both."""
+    agent = await sql.prebuild()
+    async with (
+        server_process(database_url, tmp_path) as one,
+        server_process(database_url, tmp_path) as two,
+        aiohttp.ClientSession() as http,
+    ):
+        streams = []
+        for server in (one, two):
+            response = await get_reinit(http, server.url, agent.token)
+            assert response.status == 200
+            streams.append(Stream(response))
+        owner = await sql.user()
+        await sql.claim(agent.workspace_id, owner)
+        for stream in streams:
+            assert (await stream.event()).data == claimed(agent.workspace_id, owner)
+            stream.response.close()
+
+
+async def test_server_restart_misses_nothing(database_url: str, sql: Sql, tmp_path: Path) -> None:
+    """An agent reconnects after a server restart; a claim made while it was down is delivered."""
+    agent = await sql.prebuild()
+    async with server_process(database_url, tmp_path) as first, aiohttp.ClientSession() as http:
+        response = await get_reinit(http, first.url, agent.token)
+        assert response.status == 200
+        response.close()
+    owner = await sql.user()
+    await sql.claim(agent.workspace_id, owner)  # no server is running
+    async with server_process(database_url, tmp_path) as second, aiohttp.ClientSession() as http:
+        response = await get_reinit(http, second.url, agent.token)
+        assert (await Stream(response).event()).data == claimed(agent.workspace_id, owner)
+        response.close()
