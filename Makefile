@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run psql test lint format bench clean
 
 install: $(STAMP)
 
@@ -18,6 +18,11 @@ $(STAMP): setup.cfg pyproject.toml
 ## Serve on 127.0.0.1:8080; without DATABASE_URL an embedded PostgreSQL starts under ./.reinitd/
 run: $(STAMP)
 	$(BIN)/reinitd serve
+
+## psql into the embedded PostgreSQL that `make run` started (its bundled psql, no system install)
+psql: $(STAMP)
+	@test -f .reinitd/database_url || { echo "No embedded database yet: start it with 'make run'."; exit 1; }
+	"$$($(BIN)/python -c 'from reinitd.postgres import find_bindir; print(find_bindir())')/psql" "$$(cat .reinitd/database_url)" $(ARGS)
 
 ## The whole test suite, against a PostgreSQL that the suite starts itself
 test: $(STAMP)

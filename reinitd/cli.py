@@ -187,6 +187,7 @@ def _start_embedded() -> tuple[Cluster, str]:
     print(f"reinitd: starting embedded PostgreSQL under ./{EMBEDDED_DIR}/ ...", file=sys.stderr)
     cluster = ensure_cluster(EMBEDDED_DIR.resolve() / "data")
     dsn = asyncio.run(_ensure_database(cluster))
+    (EMBEDDED_DIR / "database_url").write_text(dsn + "\n")
     print(f"reinitd: embedded PostgreSQL is ready:  psql '{dsn}'", file=sys.stderr)
     log.info("embedded_postgres_ready", dsn=dsn)
     return cluster, dsn
