@@ -8,7 +8,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,17 @@ from aiohttp import web
 
 from reinitd import __version__
 from reinitd import log as logsetup
+from reinitd.agent import (
+    EXIT_COMMAND_FAILED,
+    EXIT_NOT_WAITING,
+    EXIT_OK,
+    EXIT_USAGE,
+    Agent,
+    AgentConfig,
+    default_state_file,
+)
 from reinitd.app import create_app
+from reinitd.client import ReinitError, reinit_events
 from reinitd.keys import LIFECYCLE
 from reinitd.migration import migrate
 from reinitd.postgres import Cluster, PostgresError, ensure_cluster
@@ -170,6 +181,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _option(mig, "--database-url", "DATABASE_URL", None, "libpq URL of PostgreSQL (required)")
     _common(mig)
+
+    agent = commands.add_parser(
+        "agent",
+        help="the agent side: wait for the claim and run a command",
+        description="Wait on the reinit endpoint with wait=true and run CMD once per claim, "
+        "with REINITD_WORKSPACE_ID, REINITD_OWNER_ID and REINITD_REASON in its environment. "
+        "Reconnects with capped exponential backoff on any error; a claim counts as handled once "
+        "CMD exits 0, and handled claims are recorded in a state file so that a restarted "
+        "agent never runs CMD twice for the same claim.",
+        epilog=f"Exit codes: {EXIT_OK} --once printed an event; {EXIT_USAGE} bad usage; "
+        f"{EXIT_NOT_WAITING} the server answered 409 (the workspace is not, or no longer, a "
+        f"prebuild waiting to be claimed); {EXIT_COMMAND_FAILED} CMD failed on every attempt. "
+        "SIGINT/SIGTERM stop the agent with exit code 0.",
+    )
+    _option(agent, "--url", "REINITD_URL", None, "base URL of reinitd, e.g. http://127.0.0.1:8080")
+    _option(agent, "--token", "REINITD_AGENT_TOKEN", None, "the agent token (a UUID)")
+    _option(agent, "--exec", "REINITD_EXEC", None, "shell command to run on each claim")
+    agent.add_argument(
+        "--once", action="store_true", help="print the first event as JSON on stdout and exit 0"
+    )
+    _option(
+        agent,
+        "--state-file",
+        "REINITD_AGENT_STATE_FILE",
+        None,
+        "where handled claims are recorded; unset: "
+        "$XDG_STATE_HOME/reinitd/agent-<token digest>.json",
+        kind=Path,
+    )
+    _option(
+        agent,
+        "--max-attempts",
+        "REINITD_AGENT_MAX_ATTEMPTS",
+        5,
+        "runs of a failing CMD before giving up",
+        kind=int,
+    )
+    _option(
+        agent,
+        "--ping-interval",
+        "REINITD_PING_INTERVAL",
+        15.0,
+        "the server's ping interval; three silent intervals mean a dead stream",
+        kind=_positive,
+    )
+    _common(agent)
     return parser
 
 
@@ -259,10 +316,76 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _until_signal(work: Coroutine[Any, Any, int]) -> int:
+    """Run `work`; SIGINT/SIGTERM cancel it and the result is exit code 0."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        log.info("agent_stopping")
+        return EXIT_OK
+
+
+async def _print_first_event(url: str, token: str, ping_interval: float) -> int:
+    try:
+        async for event in reinit_events(url, token, ping_interval=ping_interval):
+            print(event.to_json(), flush=True)
+            return EXIT_OK
+    except ReinitError as exc:
+        log.error("agent_stopped", status=exc.status, message=exc.message, detail=exc.detail)
+        return EXIT_NOT_WAITING
+    return EXIT_OK
+
+
+def _agent(args: argparse.Namespace) -> int:
+    problems = []
+    if not args.url:
+        problems.append("--url (or REINITD_URL) is required")
+    if not args.token or not _is_uuid(args.token):
+        problems.append("--token (or REINITD_AGENT_TOKEN) must be the agent token, a UUID")
+    if not args.exec and not args.once:
+        problems.append("give --exec CMD, or --once")
+    if problems:
+        print("reinitd agent: " + "; ".join(problems), file=sys.stderr)
+        return EXIT_USAGE
+    if args.once:
+        return asyncio.run(
+            _until_signal(_print_first_event(args.url, args.token, args.ping_interval))
+        )
+    config = AgentConfig(
+        url=args.url,
+        token=args.token,
+        command=args.exec,
+        state_file=args.state_file or default_state_file(args.token),
+        max_attempts=args.max_attempts,
+        ping_interval=args.ping_interval,
+    )
+    try:
+        agent = Agent(config)
+    except ValueError as exc:
+        print(f"reinitd agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    log.info("agent_starting", url=args.url, state_file=str(config.state_file))
+    return asyncio.run(_until_signal(agent.run()))
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logsetup.configure(args.log_level, args.log_format)
-    commands = {"serve": _serve, "migrate": _migrate}
+    logsetup.configure(
+        args.log_level, args.log_format, sys.stderr if args.command == "agent" else sys.stdout
+    )
+    commands = {"serve": _serve, "migrate": _migrate, "agent": _agent}
     try:
         return commands[args.command](args)
     except PostgresError as exc:

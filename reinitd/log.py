@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Literal, TextIO
 
 import structlog
 from aiohttp.abc import AbstractAccessLogger
@@ -13,10 +13,12 @@ from aiohttp.web import BaseRequest, StreamResponse
 LogFormat = Literal["json", "console", "auto"]
 
 
-def configure(level: str = "info", fmt: LogFormat = "auto") -> None:
-    """Configure structlog and the stdlib root logger to write one event per line to stdout."""
+def configure(level: str = "info", fmt: LogFormat = "auto", stream: TextIO | None = None) -> None:
+    """Configure structlog and the stdlib root logger: one event per line on `stream`
+    (stdout by default; the agent logs to stderr so that its stdout stays the command's)."""
+    stream = stream or sys.stdout
     if fmt == "auto":
-        fmt = "console" if sys.stdout.isatty() else "json"
+        fmt = "console" if stream.isatty() else "json"
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -26,7 +28,7 @@ def configure(level: str = "info", fmt: LogFormat = "auto") -> None:
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -34,7 +36,7 @@ def configure(level: str = "info", fmt: LogFormat = "auto") -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,

@@ -153,6 +153,7 @@ class ServerProcess:
 
     process: asyncio.subprocess.Process
     url: str
+    port: int
     log_path: Path
 
     def log_events(self) -> list[dict[str, Any]]:
@@ -162,11 +163,16 @@ class ServerProcess:
 
 @asynccontextmanager
 async def server_process(
-    database_url: str, log_dir: Path, *args: str, env: dict[str, str] | None = None
+    database_url: str,
+    log_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> AsyncIterator[ServerProcess]:
-    """Start `python -m reinitd serve` on a free port; wait for /readyz; stop it afterwards."""
-    port = free_port()
-    log_path = log_dir / f"serve-{port}.log"
+    """Start `python -m reinitd serve` (on a free port unless given); wait for /readyz; stop it
+    afterwards."""
+    port = port or free_port()
+    log_path = log_dir / f"serve-{port}-{uuid.uuid4().hex[:6]}.log"
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -183,7 +189,7 @@ async def server_process(
             stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL,
         )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", port, log_path)
     try:
         async with aiohttp.ClientSession() as session, asyncio.timeout(30):
             while True:

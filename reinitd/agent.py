@@ -1,0 +1,146 @@
+"""`reinitd agent`: run a command once per claim, never twice, even across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from reinitd.client import ReinitError, reinit_events
+from reinitd.event import ReinitEvent
+from reinitd.listener import backoff_delay
+
+log = structlog.get_logger("reinitd.agent")
+
+# Exit codes, documented in the README and `reinitd agent --help`.
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_NOT_WAITING = 3  # 409: the workspace is not, or no longer, a prebuild waiting to be claimed
+EXIT_COMMAND_FAILED = 4  # the command failed on every attempt
+
+
+def default_state_file(token: str) -> Path:
+    """One state file per token, under $XDG_STATE_HOME (or ~/.local/state)/reinitd/."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    digest = hashlib.sha256(token.encode()).hexdigest()[:16]
+    return Path(base) / "reinitd" / f"agent-{digest}.json"
+
+
+def claim_key(event: ReinitEvent) -> str:
+    return f"{event.workspace_id}/{event.reason}/{event.owner_id or '-'}"
+
+
+class StateFile:
+    """The claims already handled, written atomically (temp file, fsync, rename)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handled: set[str] = set()
+        if path.exists():
+            try:
+                self.handled = set(json.loads(path.read_text())["handled"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"state file {path} is corrupt: {exc}") from None
+
+    def record(self, key: str) -> None:
+        self.handled.add(key)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".agent-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump({"handled": sorted(self.handled)}, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@dataclass
+class AgentConfig:
+    url: str
+    token: str
+    command: str
+    state_file: Path
+    max_attempts: int = 5
+    ping_interval: float = 15.0
+    backoff_floor: float = 0.1
+    backoff_ceiling: float = 10.0
+    retry_floor: float = 0.5  # first pause before re-running a failed command
+
+
+class Agent:
+    """Waits for claims and runs the command for each new one; counts what it did."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.state = StateFile(config.state_file)
+        self.runs = 0
+        self.skipped = 0
+
+    async def run(self) -> int:
+        """Loop until a terminal answer; returns the process exit code."""
+        config = self.config
+        try:
+            async for event in reinit_events(
+                config.url,
+                config.token,
+                ping_interval=config.ping_interval,
+                backoff_floor=config.backoff_floor,
+                backoff_ceiling=config.backoff_ceiling,
+            ):
+                key = claim_key(event)
+                if key in self.state.handled:
+                    self.skipped += 1
+                    log.info("claim_already_handled", claim=key)
+                    continue
+                if not await self._handle(event):
+                    return EXIT_COMMAND_FAILED
+                self.state.record(key)
+        except ReinitError as exc:
+            log.error("agent_stopped", status=exc.status, message=exc.message, detail=exc.detail)
+            return EXIT_NOT_WAITING
+        return EXIT_OK  # not reached: the loop only ends by an exception
+
+    async def _handle(self, event: ReinitEvent) -> bool:
+        """Run the command until it exits 0, at most `max_attempts` times."""
+        env = {
+            **os.environ,
+            "REINITD_WORKSPACE_ID": str(event.workspace_id),
+            "REINITD_OWNER_ID": "" if event.owner_id is None else str(event.owner_id),
+            "REINITD_REASON": event.reason,
+        }
+        for attempt in range(1, self.config.max_attempts + 1):
+            log.info("command_starting", claim=claim_key(event), attempt=attempt)
+            self.runs += 1
+            process = await asyncio.create_subprocess_shell(self.config.command, env=env)
+            try:
+                code = await process.wait()
+            except asyncio.CancelledError:
+                process.terminate()
+                await process.wait()
+                raise
+            if code == 0:
+                log.info("command_succeeded", claim=claim_key(event), attempt=attempt)
+                return True
+            delay = backoff_delay(attempt, self.config.retry_floor, 30.0)
+            log.warning(
+                "command_failed",
+                claim=claim_key(event),
+                attempt=attempt,
+                exit_code=code,
+                retry_in_s=round(delay, 3),
+            )
+            if attempt < self.config.max_attempts:
+                await asyncio.sleep(delay)
+        log.error(
+            "command_failed_permanently", claim=claim_key(event), attempts=self.config.max_attempts
+        )
+        return False

@@ -1,0 +1,233 @@
+"""The agent's side of the wire: wait for a reinit event, and loop doing so without gaps."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import aiohttp
+import structlog
+
+from reinitd.event import REASONS, ReinitEvent
+from reinitd.listener import backoff_delay
+
+log = structlog.get_logger("reinitd.client")
+
+REINIT_PATH = "/api/v2/workspaceagents/me/reinit"
+TOKEN_HEADER = "Coder-Session-Token"  # noqa: S105 -- a header name, not a secret
+
+BACKOFF_FLOOR = 0.1
+BACKOFF_CEILING = 10.0
+# A stream silent for this many ping intervals is treated as dead.
+SILENT_PINGS = 3
+
+
+class ReinitError(Exception):
+    """The server refused the request (`status`), or the stream ended with an error frame."""
+
+    def __init__(self, status: int, message: str, detail: str = "") -> None:
+        super().__init__(f"{status} {message}" + (f": {detail}" if detail else ""))
+        self.status = status
+        self.message = message
+        self.detail = detail
+
+    @property
+    def terminal(self) -> bool:
+        """409: the workspace is not, or no longer, a prebuild waiting to be claimed."""
+        return self.status == 409
+
+
+class StreamBroken(Exception):  # noqa: N818 -- a condition, like ConnectionReset
+    """The stream ended, went silent, or carried something unparseable: reconnect."""
+
+
+@dataclass
+class SseParser:
+    """Tolerant Server-Sent Events parsing: CRLF/CR/LF, comments, `retry:`, multi-line data."""
+
+    _event: str = ""
+    _data: list[str] = field(default_factory=list)
+
+    def feed(self, raw: bytes) -> tuple[str, str] | None:
+        """Feed one line; returns (event, data) when a blank line completes a frame."""
+        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if not line:
+            if not self._event and not self._data:
+                return None
+            frame = (self._event or "message", "\n".join(self._data))
+            self._event, self._data = "", []
+            return frame
+        if line.startswith(":"):
+            return None  # a comment: some proxies and servers send them as keep-alives
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+        return None  # id, retry and unknown fields do not concern us
+
+
+def parse_event(data: str) -> ReinitEvent:
+    try:
+        body = json.loads(data)
+        reason = body.get("reason", "prebuild_claimed")
+        owner = body.get("owner_id")
+        if reason not in REASONS:
+            raise ValueError(f"unknown reason {reason!r}")
+        return ReinitEvent(
+            uuid.UUID(body["workspace_id"]), reason, None if owner is None else uuid.UUID(owner)
+        )
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise StreamBroken(f"unparseable event data {data[:200]!r}: {exc}") from None
+
+
+async def _refusal(response: aiohttp.ClientResponse) -> ReinitError:
+    text = await response.text(errors="replace")
+    try:
+        body = json.loads(text)
+        return ReinitError(response.status, str(body["message"]), str(body.get("detail", "")))
+    except (ValueError, TypeError, KeyError):
+        return ReinitError(response.status, response.reason or "error", text[:500])
+
+
+class _Stream:
+    """One open reinit stream, read frame by frame."""
+
+    def __init__(self, response: aiohttp.ClientResponse, silence_limit: float) -> None:
+        self._response = response
+        self._silence_limit = silence_limit
+        self._parser = SseParser()
+
+    def close(self) -> None:
+        self._response.close()
+
+    async def next_event(self) -> ReinitEvent:
+        while True:
+            try:
+                raw = await asyncio.wait_for(self._response.content.readline(), self._silence_limit)
+            except TimeoutError:
+                raise StreamBroken(f"no frame for {self._silence_limit:g} s") from None
+            if not raw:
+                raise StreamBroken("the server closed the stream")
+            frame = self._parser.feed(raw)
+            if frame is None:
+                continue
+            kind, data = frame
+            if kind == "data":
+                return parse_event(data)
+            if kind == "error":
+                try:
+                    body = json.loads(data)
+                    message, detail = str(body["message"]), str(body.get("detail", ""))
+                except (ValueError, TypeError, KeyError):
+                    message, detail = "stream error", data[:500]
+                raise StreamBroken(f"{message} {detail}".strip())
+            # ping and anything else keeps the stream alive
+
+
+def _url(base_url: str) -> str:
+    return base_url.rstrip("/") + REINIT_PATH
+
+
+async def _open(
+    session: aiohttp.ClientSession, base_url: str, token: str, wait: bool, silence_limit: float
+) -> _Stream:
+    response = await session.get(
+        _url(base_url),
+        params={"wait": "true"} if wait else {},
+        headers={TOKEN_HEADER: token, "Accept": "text/event-stream"},
+        # no total timeout: the server's pings keep the stream alive; silence is checked per read
+        timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10),
+    )
+    if response.status != 200:
+        try:
+            raise await _refusal(response)
+        finally:
+            response.release()
+    return _Stream(response, silence_limit)
+
+
+async def wait_for_reinit(
+    base_url: str,
+    token: str,
+    *,
+    wait: bool = True,
+    ping_interval: float = 15.0,
+    session: aiohttp.ClientSession | None = None,
+) -> ReinitEvent:
+    """One request: the first event, or `ReinitError` (status, message, detail), or
+    `StreamBroken` when the stream ends or goes silent for three ping intervals."""
+    async with _session(session) as http:
+        stream = await _open(http, base_url, token, wait, SILENT_PINGS * ping_interval)
+        try:
+            return await stream.next_event()
+        finally:
+            stream.close()
+
+
+@asynccontextmanager
+async def _session(given: aiohttp.ClientSession | None) -> AsyncIterator[aiohttp.ClientSession]:
+    """Use the caller's session, or a private one closed afterwards."""
+    if given is not None:
+        yield given
+        return
+    async with aiohttp.ClientSession() as own:
+        yield own
+
+
+def _event_key(event: ReinitEvent) -> tuple[uuid.UUID, str, uuid.UUID | None]:
+    return (event.workspace_id, event.reason, event.owner_id)
+
+
+async def reinit_events(
+    base_url: str,
+    token: str,
+    *,
+    ping_interval: float = 15.0,
+    backoff_floor: float = BACKOFF_FLOOR,
+    backoff_ceiling: float = BACKOFF_CEILING,
+    session: aiohttp.ClientSession | None = None,
+) -> AsyncGenerator[ReinitEvent, None]:
+    """Every distinct reinit event, forever: reconnects on any error with capped, jittered
+    exponential backoff (reset after a successful connect); raises `ReinitError` with
+    status 409 when the workspace is not, or no longer, waiting to be claimed."""
+    seen: set[tuple[uuid.UUID, str, uuid.UUID | None]] = set()
+    attempt = 0
+    async with _session(session) as http:
+        while True:
+            try:
+                stream = await _open(http, base_url, token, True, SILENT_PINGS * ping_interval)
+            except ReinitError as exc:
+                if exc.terminal:
+                    raise
+                error: Exception = exc
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                error = exc
+            else:
+                attempt = 0
+                log.info("agent_stream_open", url=_url(base_url))
+                try:
+                    while True:
+                        event = await stream.next_event()
+                        if _event_key(event) in seen:
+                            continue
+                        seen.add(_event_key(event))
+                        yield event
+                except (StreamBroken, aiohttp.ClientError, OSError) as exc:
+                    error = exc
+                finally:
+                    stream.close()
+            attempt += 1
+            delay = backoff_delay(attempt, backoff_floor, backoff_ceiling)
+            log.warning(
+                "agent_reconnecting",
+                error=str(error) or type(error).__name__,
+                attempt=attempt,
+                retry_in_s=round(delay, 3),
+            )
+            await asyncio.sleep(delay)
