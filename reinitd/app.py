@@ -15,9 +15,19 @@ from reinitd import handler
 from reinitd.delivery import Resyncer, make_dispatcher
 from reinitd.event import CHANNEL
 from reinitd.hub import Hub
-from reinitd.keys import HUB, LIFECYCLE, LISTENER, POOL, RESYNCER, SETTINGS, Lifecycle
+from reinitd.keys import (
+    HUB,
+    LIFECYCLE,
+    LISTENER,
+    POOL,
+    READINESS,
+    RESYNCER,
+    SETTINGS,
+    Lifecycle,
+)
 from reinitd.listener import Listener
-from reinitd.middleware import request_context
+from reinitd.middleware import on_prepare, request_context
+from reinitd.readiness import PROBE_CHANNEL, Readiness
 from reinitd.settings import Settings
 
 log = structlog.get_logger("reinitd.app")
@@ -58,15 +68,24 @@ async def _pinger(hub: Hub, interval: float) -> None:
 async def _delivery(app: web.Application) -> AsyncIterator[None]:
     settings, hub = app[SETTINGS], app[HUB]
     resyncer = Resyncer(app[POOL], hub, interval=settings.resync_interval)
+    dispatch = make_dispatcher(hub, resyncer)
+
+    def on_notify(channel: str, payload: str, received_at: float) -> None:
+        if channel == PROBE_CHANNEL:
+            readiness.echo(payload)
+        else:
+            dispatch(channel, payload, received_at)
+
     listener = Listener(
         settings.listen_dsn,
-        (CHANNEL,),
-        make_dispatcher(hub, resyncer),
+        (CHANNEL, PROBE_CHANNEL),
+        on_notify,
         resyncer.request,
         probe_interval=settings.probe_interval,
         probe_timeout=settings.probe_timeout,
     )
-    app[RESYNCER], app[LISTENER] = resyncer, listener
+    readiness = Readiness(app[POOL], listener)
+    app[RESYNCER], app[LISTENER], app[READINESS] = resyncer, listener, readiness
     async with _tasks(listener.run(), resyncer.run(), _pinger(hub, settings.ping_interval)):
         yield
 
@@ -86,6 +105,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_pool)
     app.cleanup_ctx.append(_delivery)
     app.on_shutdown.append(_on_shutdown)
+    app.on_response_prepare.append(on_prepare)
     app.router.add_get(REINIT_PATH, handler.reinit, name="reinit", allow_head=False)
     app.router.add_get("/healthz", handler.healthz, allow_head=False)
     app.router.add_get("/readyz", handler.readyz, allow_head=False)

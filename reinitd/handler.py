@@ -17,7 +17,7 @@ from reinitd import metrics
 from reinitd.claim import Deliver, Refuse, read_verdicts
 from reinitd.event import PING_FRAME, ReinitEvent, error_frame
 from reinitd.hub import End, Subscription
-from reinitd.keys import HUB, LIFECYCLE, LISTENER, POOL, SETTINGS
+from reinitd.keys import HUB, LIFECYCLE, POOL, READINESS, SETTINGS
 from reinitd.query import QUERIES
 
 log = structlog.get_logger("reinitd.handler")
@@ -194,18 +194,10 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """200 only while the listener is connected and the database answers."""
+    """200 only while our own NOTIFY comes back through the listener (which also proves the
+    database answers); the result is cached for a second, so polling it is cheap."""
     app = request.app
-    problems = []
-    if app[LIFECYCLE].stopping:
-        problems.append("server is stopping")
-    if not app[LISTENER].connected:
-        problems.append("listener is not connected")
-    try:
-        async with asyncio.timeout(1.0):
-            await app[POOL].fetchval(QUERIES["ping"])
-    except Exception as exc:  # any failure means not ready
-        problems.append(f"database does not answer: {type(exc).__name__}")
+    problems = ["server is stopping"] if app[LIFECYCLE].stopping else await app[READINESS].check()
     if problems:
         return web.json_response(
             {"message": "Not ready.", "detail": "; ".join(problems)}, status=503

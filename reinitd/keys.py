@@ -12,6 +12,7 @@ from aiohttp import web
 from reinitd.delivery import Resyncer
 from reinitd.hub import Hub
 from reinitd.listener import Listener
+from reinitd.readiness import Readiness
 from reinitd.settings import Settings
 
 
@@ -30,3 +31,4 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 POOL = web.AppKey("pool", asyncpg.Pool)
 LISTENER = web.AppKey("listener", Listener)
 RESYNCER = web.AppKey("resyncer", Resyncer)
+READINESS = web.AppKey("readiness", Readiness)

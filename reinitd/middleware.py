@@ -14,6 +14,7 @@ from reinitd.handler import ApiError
 
 log = structlog.get_logger("reinitd.http")
 
+REQUEST_ID = web.RequestKey("request_id", str)
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -29,6 +30,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     # bind (not the context-manager form): the access log line after the handler keeps it.
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    request[REQUEST_ID] = request_id
     try:
         response = await handler(request)
     except ApiError as exc:
@@ -44,7 +46,12 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     except Exception:
         log.exception("request_failed")
         response = _json_error(500, "Internal server error.", f"Request id {request_id}.")
-    response.headers["X-Request-ID"] = request_id
+    return response
+
+
+async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """As headers go out (streams included): echo the request id, count reinit answers."""
+    if REQUEST_ID in request:
+        response.headers["X-Request-ID"] = request[REQUEST_ID]
     if request.match_info.route.name == "reinit":
         metrics.RESPONSES.labels(str(response.status)).inc()
-    return response

@@ -51,3 +51,7 @@ SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'reinitd')
 
 -- create_database --
 CREATE DATABASE reinitd
+
+-- probe_notify --
+-- Readiness: a NOTIFY that must come back through this process's own listener.
+SELECT pg_notify('reinitd_probe', $1)

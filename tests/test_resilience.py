@@ -193,22 +193,38 @@ async def test_garbage_notify_storm_leaves_listener_up(client: Client, sql: Sql)
     assert client.app[LISTENER].connected
 
 
+async def readyz_status(client: Client, expected: int) -> dict[str, str]:
+    """Poll /readyz (its answer is cached for a second) until it answers `expected`."""
+    async with asyncio.timeout(10):
+        while (response := await client.get("/readyz")).status != expected:
+            await asyncio.sleep(0.1)
+    body: dict[str, str] = await response.json()
+    return body
+
+
 async def test_readyz_is_503_while_listener_is_down(
     make_server: ServerFactory, proxy: TcpProxy
 ) -> None:
-    """/readyz reports the listener outage and recovers with it."""
+    """/readyz reports the listener outage and recovers with it; /healthz stays 200."""
     client = await proxied_server(make_server, proxy)
-    assert (await client.get("/readyz")).status == 200
+    await readyz_status(client, 200)
     proxy.refuse = True
     proxy.drop_all()
     await until(lambda: not client.app[LISTENER].connected)
-    response = await client.get("/readyz")
-    assert response.status == 503
-    assert "listener" in (await response.json())["detail"]
+    assert "listener" in (await readyz_status(client, 503))["detail"]
     assert (await client.get("/healthz")).status == 200
     proxy.refuse = False
     await asyncio.wait_for(client.app[LISTENER].wait_connected(), 10)
-    assert (await client.get("/readyz")).status == 200
+    await readyz_status(client, 200)
+
+
+async def test_readyz_needs_the_notify_echo(make_server: ServerFactory, proxy: TcpProxy) -> None:
+    """A listener that looks connected but hears nothing (blackholed) is not ready."""
+    client = await proxied_server(make_server, proxy, probe_interval=30.0)
+    await readyz_status(client, 200)
+    proxy.blackhole_all()
+    assert client.app[LISTENER].connected  # the probe has not run yet: only the echo tells
+    assert "did not come back" in (await readyz_status(client, 503))["detail"]
 
 
 async def test_sigterm_ends_open_streams_and_exits(

@@ -1,0 +1,165 @@
+"""What operators rely on: log events with request ids and no secrets, metrics, errors, help."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+import structlog
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import open_stream
+from tests.support import REINIT, Sql, Stream, server_process
+
+Client = TestClient[web.Request, web.Application]
+
+
+def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_log_events_carry_request_id_and_no_secrets(client: Client, sql: Sql) -> None:
+    """Stable events, the caller's X-Request-ID on every line of the request, no token."""
+    agent = await sql.prebuild()
+    with structlog.testing.capture_logs(
+        processors=[structlog.contextvars.merge_contextvars]
+    ) as logs:
+        stream = await open_stream(client, agent.token, headers={"X-Request-ID": "req-42"})
+        owner = await sql.user()
+        await sql.claim(agent.workspace_id, owner)
+        await stream.event()
+        await sql.notify("garbage")
+        bad = await client.get(REINIT, headers={"Cookie": f"coder_session_token={agent.token}x"})
+        assert bad.status == 401
+        stream.response.close()
+        async with asyncio.timeout(5):
+            while not any(e["event"] == "claim_payload_invalid" for e in logs):
+                await asyncio.sleep(0.01)
+    by_event = {entry["event"]: entry for entry in logs}
+    assert by_event["agent_waiting"]["request_id"] == "req-42"
+    delivered = by_event["reinit_delivered"]
+    assert (delivered["path"], delivered["request_id"]) == ("notify", "req-42")
+    assert delivered["workspace_id"] == str(agent.workspace_id)
+    assert by_event["claim_payload_invalid"]["kind"] == "bad_uuid"
+    digest = hashlib.sha256(agent.token.encode()).hexdigest()
+    text = repr(logs)
+    assert agent.token not in text
+    assert digest not in text
+
+
+async def test_server_logs_never_contain_tokens(
+    database_url: str, sql: Sql, tmp_path: Path
+) -> None:
+    """A real server's JSON log lines hold no token, from header, query parameter or cookie."""
+    agent = await sql.prebuild()
+    await sql.claim(agent.workspace_id, await sql.user())
+    async with server_process(database_url, tmp_path) as server, aiohttp.ClientSession() as http:
+        for params, headers in (
+            ({}, {"Coder-Session-Token": agent.token}),
+            ({"coder_session_token": agent.token}, {}),
+            ({}, {"Cookie": f"coder_session_token={agent.token}"}),
+        ):
+            async with http.get(
+                f"{server.url}{REINIT}", params={"wait": "true", **params}, headers=headers
+            ) as response:
+                assert (await Stream(response).event()).event == "data"
+        async with http.get(f"{server.url}/metrics") as response:
+            assert agent.token not in await response.text()
+    log_text = server.log_path.read_text()
+    assert "http_request" in log_text
+    assert agent.token not in log_text
+    assert hashlib.sha256(agent.token.encode()).hexdigest() not in log_text
+
+
+async def test_metrics_move_after_a_claim(client: Client, sql: Sql) -> None:
+    """/metrics after a scripted claim shows deliveries, payloads, responses and latency."""
+    before = scrape(await (await client.get("/metrics")).text())
+    agent = await sql.prebuild()
+    stream = await open_stream(client, agent.token)
+    during = scrape(await (await client.get("/metrics")).text())
+    await sql.claim(agent.workspace_id, await sql.user())
+    await stream.event()
+    after = scrape(await (await client.get("/metrics")).text())
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    key = ("reinitd_open_streams", (("wait", "true"),))
+    assert during[key] == before.get(key, 0.0) + 1
+    assert delta("reinitd_events_delivered_total", path="notify") == 1
+    assert delta("reinitd_claim_payloads_total") >= 1
+    assert delta("reinitd_responses_total", status="200") >= 1
+    assert delta("reinitd_notify_to_write_seconds_count") == 1
+    assert delta("reinitd_durable_check_duration_seconds_count") == 1
+    assert after[("reinitd_listener_connected", ())] == 1
+
+
+async def test_unknown_paths_and_methods_answer_json(client: Client) -> None:
+    """404 and 405 are JSON {message, detail}, never an HTML page."""
+    missing = await client.get("/nope")
+    assert missing.status == 404
+    assert set(await missing.json()) == {"message", "detail"}
+    wrong = await client.post(REINIT)
+    assert wrong.status == 405
+    assert wrong.headers["Allow"] == "GET"
+    assert set(await wrong.json()) == {"message", "detail"}
+
+
+async def test_request_id_is_echoed(client: Client, sql: Sql) -> None:
+    """A sane X-Request-ID is echoed, on streams too; a hostile one is replaced."""
+    agent = await sql.prebuild()
+    stream = await open_stream(client, agent.token, headers={"X-Request-ID": "stream-7"})
+    assert stream.response.headers["X-Request-ID"] == "stream-7"
+    stream.response.close()
+    echoed = await client.get("/healthz", headers={"X-Request-ID": "abc-1"})
+    assert echoed.headers["X-Request-ID"] == "abc-1"
+    replaced = await client.get("/healthz", headers={"X-Request-ID": "a b\tc" * 50})
+    assert replaced.headers["X-Request-ID"] != "a b\tc" * 50
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (
+            "serve",
+            [
+                "REINITD_HOST",
+                "REINITD_PORT",
+                "DATABASE_URL",
+                "REINITD_PING_INTERVAL",
+                "REINITD_LISTEN_DATABASE_URL",
+                "default: 15.0",
+                "default: 8080",
+            ],
+        ),
+        ("migrate", ["DATABASE_URL"]),
+        ("agent", ["REINITD_URL", "REINITD_AGENT_TOKEN", "REINITD_EXEC", "Exit codes"]),
+    ],
+)
+async def test_help_explains_every_option(command: str, expected: list[str]) -> None:
+    """Every command's --help names each option's variable and default."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "reinitd",
+        command,
+        "--help",
+        stdout=asyncio.subprocess.PIPE,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+    stdout, _ = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0
+    text = " ".join(stdout.decode().split())
+    for needle in expected:
+        assert needle in text
