@@ -41,6 +41,7 @@ async def _pool(app: web.Application) -> AsyncIterator[None]:
         settings.database_url,
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
+        server_settings={"application_name": "reinitd"},
     )
     yield
     await app[POOL].close()

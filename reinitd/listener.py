@@ -78,7 +78,9 @@ class Listener:
         while True:
             try:
                 conn: asyncpg.Connection = await asyncpg.connect(
-                    self._dsn, timeout=max(self.probe_timeout, 5.0)
+                    self._dsn,
+                    timeout=max(self.probe_timeout, 5.0),
+                    server_settings={"application_name": "reinitd-listener"},
                 )
             except CONNECTION_ERRORS as exc:
                 attempt += 1
