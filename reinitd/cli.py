@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import multiprocessing
 import os
 import signal
 import sys
@@ -165,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _option(
         serve,
+        "--workers",
+        "REINITD_WORKERS",
+        1,
+        "server processes sharing the port (SO_REUSEPORT), each with its own listener; "
+        "up to the number of cores",
+        kind=int,
+    )
+    _option(
+        serve,
         "--shutdown-timeout",
         "REINITD_SHUTDOWN_TIMEOUT",
         5.0,
@@ -250,9 +261,12 @@ def _start_embedded() -> tuple[Cluster, str]:
     return cluster, dsn
 
 
-async def run_server(settings: Settings) -> None:
+async def run_server(
+    settings: Settings, *, reuse_port: bool = False, migrate_first: bool = True
+) -> None:
     """Serve until SIGINT/SIGTERM, then stop accepting, end open streams and exit."""
-    await migrate(settings.database_url)
+    if migrate_first:
+        await migrate(settings.database_url)
     app = create_app(settings)
     runner = web.AppRunner(
         app,
@@ -261,8 +275,13 @@ async def run_server(settings: Settings) -> None:
         shutdown_timeout=settings.shutdown_timeout,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=settings.backlog)
+    site = web.TCPSite(
+        runner, settings.host, settings.port, backlog=settings.backlog, reuse_port=reuse_port
+    )
     await site.start()
+    # Start-up objects live for the whole run: keep the collector from rescanning them.
+    gc.collect()
+    gc.freeze()
     log.info("server_started", url=f"http://{settings.host}:{settings.port}")
     print(f"reinitd: serving on http://{settings.host}:{settings.port}", file=sys.stderr)
     stop = asyncio.Event()
@@ -283,25 +302,56 @@ def _serve(args: argparse.Namespace) -> int:
     if not dsn:
         cluster, dsn = _start_embedded()
     try:
-        asyncio.run(
-            run_server(
-                Settings(
-                    database_url=dsn,
-                    listen_database_url=args.listen_database_url,
-                    host=args.host,
-                    port=args.port,
-                    ping_interval=args.ping_interval,
-                    write_timeout=args.write_timeout,
-                    resync_interval=args.resync_interval,
-                    probe_interval=args.probe_interval,
-                    shutdown_timeout=args.shutdown_timeout,
-                )
-            )
+        settings = Settings(
+            database_url=dsn,
+            listen_database_url=args.listen_database_url,
+            host=args.host,
+            port=args.port,
+            ping_interval=args.ping_interval,
+            write_timeout=args.write_timeout,
+            resync_interval=args.resync_interval,
+            probe_interval=args.probe_interval,
+            shutdown_timeout=args.shutdown_timeout,
         )
+        if args.workers == 1:
+            asyncio.run(run_server(settings))
+        else:
+            asyncio.run(migrate(settings.database_url))
+            return _run_workers(settings, args.workers)
     finally:
         if cluster is not None:
             cluster.stop()
     return 0
+
+
+def _worker(settings: Settings) -> None:
+    asyncio.run(run_server(settings, reuse_port=True, migrate_first=False))
+
+
+def _run_workers(settings: Settings, workers: int) -> int:
+    """N forked processes share the port (SO_REUSEPORT), each with its own listener."""
+    context = multiprocessing.get_context("fork")
+    processes = [
+        context.Process(target=_worker, args=(settings,), name=f"reinitd-worker-{i}")
+        for i in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    log.info("workers_started", workers=workers, pids=[p.pid for p in processes])
+
+    def forward(_signum: int, _frame: object) -> None:
+        for process in processes:
+            if process.pid is not None and process.exitcode is None:
+                os.kill(process.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for process in processes:
+        process.join()
+    failed = [p.name for p in processes if p.exitcode]
+    if failed:
+        log.error("workers_failed", workers=failed)
+    return 1 if failed else 0
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -1,0 +1,20 @@
+-- Benchmark-only SQL, loaded by name like sql/queries.sql.
+
+-- provision --
+SELECT p.workspace_id, p.agent_token
+FROM generate_series(1, $1) AS g, reinitd.create_prebuild('bench-' || g) AS p
+
+-- claim_many --
+SELECT reinitd.claim_prebuild(w, $2) FROM unnest($1::uuid[]) AS w
+
+-- unclaim --
+-- Turn claimed bench workspaces back into prebuilds, so that runs can repeat.
+WITH gone AS (
+    DELETE FROM reinitd.workspace_builds
+    WHERE stage = 'claim' AND workspace_id = ANY($1::uuid[])
+)
+UPDATE reinitd.workspaces SET owner_id = reinitd.prebuilds_user_id()
+WHERE id = ANY($1::uuid[])
+
+-- claim_one --
+SELECT reinitd.claim_prebuild($1, $2)

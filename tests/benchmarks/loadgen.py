@@ -1,0 +1,206 @@
+"""Benchmark client process: holds many reinit streams over raw sockets and times them.
+
+Driven by the harness over stdin/stdout, one JSON object per line:
+  {"cmd": "open", "url": ..., "agents": [[token, workspace_id], ...], "sources": [...]}
+  {"cmd": "listen", "dsn": ...}          a raw asyncpg LISTEN: the latency floor
+  {"cmd": "events"}                      first-event receipt times, per workspace
+  {"cmd": "stats"}                       open / closed / error counts
+  {"cmd": "close"}                       close every stream
+  {"cmd": "exit"}
+Times are CLOCK_MONOTONIC, comparable across processes on one machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import sys
+import time
+from typing import Any
+
+import asyncpg
+
+EVENT_MARK = b"event: data\n"
+
+
+class Waiter(asyncio.Protocol):
+    """One agent: sends the request, notes the headers' arrival and the first event."""
+
+    __slots__ = (
+        "buffer",
+        "closed",
+        "event_at",
+        "headers_at",
+        "request",
+        "started",
+        "status",
+        "transport",
+        "workspace_id",
+    )
+
+    def __init__(self, request: bytes, workspace_id: str, started: float) -> None:
+        self.request = request
+        self.workspace_id = workspace_id
+        self.started = started
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.headers_at = 0.0
+        self.event_at = 0.0
+        self.status = 0
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        if not self.headers_at:
+            self.buffer += data
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.headers_at = now
+            self.status = int(self.buffer[9:12])
+            data = self.buffer[end + 4 :]
+            self.buffer = b""
+        if not self.event_at:
+            window = self.buffer[-16:] + data
+            if EVENT_MARK in window:
+                self.event_at = now
+                self.buffer = b""
+            else:
+                self.buffer = window[-16:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class LoadGen:
+    def __init__(self) -> None:
+        self.waiters: list[Waiter] = []
+        self.errors: list[str] = []
+        self.floor: dict[str, float] = {}
+        self.listen_conn: asyncpg.Connection | None = None
+
+    async def open(
+        self, url: str, agents: list[list[str]], sources: list[str], timeout: float = 120.0
+    ) -> dict[str, Any]:
+        host, port = url.removeprefix("http://").split(":")
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+
+        async def connect(i: int, token: str, workspace_id: str) -> None:
+            request = (
+                f"GET /api/v2/workspaceagents/me/reinit?wait=true HTTP/1.1\r\n"
+                f"Host: {host}\r\nCoder-Session-Token: {token}\r\n\r\n"
+            ).encode()
+            waiter = Waiter(request, workspace_id, time.monotonic())
+            try:
+                await loop.create_connection(
+                    lambda: waiter, host, int(port), local_addr=(sources[i % len(sources)], 0)
+                )
+            except OSError as exc:
+                self.errors.append(f"connect: {exc}")
+                return
+            self.waiters.append(waiter)
+
+        first = len(self.waiters)
+        await asyncio.gather(*(connect(i, t, w) for i, (t, w) in enumerate(agents)))
+        batch = self.waiters[first:]
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            if all(w.headers_at or w.closed for w in batch):
+                break
+            await asyncio.sleep(0.01)
+        done = [w for w in batch if w.headers_at]
+        ttfb = [w.headers_at - w.started for w in done]
+        last = max((w.headers_at for w in done), default=started)
+        bad = [w for w in batch if not w.headers_at or w.status != 200]
+        return {
+            "requested": len(agents),
+            "registered": sum(1 for w in done if w.status == 200),
+            "errors": len(bad) + len(self.errors),
+            "error_samples": self.errors[:5] + [f"status {w.status}" for w in bad[:5]],
+            "elapsed_s": last - started,
+            "ttfb_p50_s": _percentile(ttfb, 0.50),
+            "ttfb_p99_s": _percentile(ttfb, 0.99),
+            "ttfb_max_s": max(ttfb, default=float("nan")),
+            "events": sum(1 for w in batch if w.event_at),
+            "started_at": started,
+        }
+
+    async def listen(self, dsn: str) -> dict[str, Any]:
+        self.listen_conn = await asyncpg.connect(dsn)
+
+        def on_notify(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            now = time.monotonic()
+            workspace_id = json.loads(str(payload))["workspace_id"]
+            self.floor.setdefault(workspace_id, now)
+
+        await self.listen_conn.add_listener("prebuild_claimed", on_notify)
+        return {"listening": True}
+
+    def events(self) -> dict[str, Any]:
+        return {
+            "events": {w.workspace_id: w.event_at for w in self.waiters if w.event_at},
+            "floor": self.floor,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "open": sum(1 for w in self.waiters if not w.closed),
+            "closed": sum(1 for w in self.waiters if w.closed),
+            "errors": len(self.errors),
+        }
+
+    def close(self) -> dict[str, Any]:
+        for waiter in self.waiters:
+            if waiter.transport is not None:
+                waiter.transport.abort()
+        count = len(self.waiters)
+        self.waiters, self.errors = [], []
+        return {"closed": count}
+
+
+async def main() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    gen = LoadGen()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**28)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        request = json.loads(line)
+        cmd = request.pop("cmd")
+        if cmd == "exit":
+            break
+        if cmd == "open":
+            reply = await gen.open(**request)
+        elif cmd == "listen":
+            reply = await gen.listen(**request)
+        elif cmd == "events":
+            reply = gen.events()
+        elif cmd == "stats":
+            reply = gen.stats()
+        elif cmd == "close":
+            reply = gen.close()
+        else:
+            reply = {"error": f"unknown command {cmd}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+    if gen.listen_conn is not None:
+        await gen.listen_conn.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
