@@ -35,6 +35,11 @@ log = structlog.get_logger("reinitd.app")
 REINIT_PATH = "/api/v2/workspaceagents/me/reinit"
 
 
+async def _no_reset(_conn: asyncpg.Connection) -> None:
+    """Pooled connections only run single statements and never LISTEN: there is no session
+    state to reset, and asyncpg's default reset costs a round trip on every release."""
+
+
 async def _pool(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     app[POOL] = await asyncpg.create_pool(
@@ -42,6 +47,7 @@ async def _pool(app: web.Application) -> AsyncIterator[None]:
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
         server_settings={"application_name": "reinitd"},
+        reset=_no_reset,
     )
     yield
     await app[POOL].close()

@@ -71,7 +71,9 @@ def judge(row: Row | None, source: str) -> Verdict:
 
 
 async def read_verdicts(
-    db: asyncpg.Pool | asyncpg.Connection, workspace_ids: Sequence[uuid.UUID], source: str
+    db: asyncpg.Pool | asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+    workspace_ids: Sequence[uuid.UUID],
+    source: str,
 ) -> dict[uuid.UUID, Verdict]:
     """One round trip: the verdict for every workspace in `workspace_ids`."""
     rows = await db.fetch(QUERIES["claim_states"], workspace_ids)

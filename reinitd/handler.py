@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from reinitd import metrics
-from reinitd.claim import Deliver, Refuse, read_verdicts
+from reinitd.claim import WAIT, Deliver, Refuse, Verdict, read_verdicts
 from reinitd.event import PING_FRAME, ReinitEvent, error_frame
 from reinitd.hub import End, Subscription
 from reinitd.keys import HUB, LIFECYCLE, POOL, READINESS, SETTINGS
@@ -95,30 +95,46 @@ def wants_json(request: web.Request) -> bool:
     return "application/json" in accept and "text/event-stream" not in accept
 
 
+async def _register_and_check(
+    request: web.Request, digest: bytes, wait: bool
+) -> tuple[Subscription, Verdict]:
+    """On one pooled connection: resolve the token, register the queue, then read the builds.
+
+    Register first, read second: a claim committed at any instant is seen by one of them.
+    """
+    app = request.app
+    async with app[POOL].acquire() as conn:
+        agent = await conn.fetchrow(QUERIES["agent_by_token_hash"], digest)
+        if agent is None:
+            raise ApiError(401, "Unauthorized.", "The agent token is not known.")
+        workspace_id: uuid.UUID = agent["workspace_id"]
+        structlog.contextvars.bind_contextvars(workspace_id=str(workspace_id))
+        sub = app[HUB].subscribe(workspace_id, wait=wait)
+        if not wait:
+            return sub, WAIT  # older agents: no checks, no 409, nothing pre-seeded
+        try:
+            if (seam := app[LIFECYCLE].before_durable_check) is not None:
+                await seam(workspace_id)
+            started = time.perf_counter()
+            verdicts = await read_verdicts(conn, [workspace_id], "seeded")
+            metrics.DURABLE_CHECK_SECONDS.observe(time.perf_counter() - started)
+        except BaseException:
+            app[HUB].remove(sub)
+            raise
+        return sub, verdicts[workspace_id]
+
+
 async def reinit(request: web.Request) -> web.StreamResponse:
     """GET /api/v2/workspaceagents/me/reinit: wait for this agent's workspace to be claimed."""
-    app = request.app
     digest = token_hash(request)
     wait = parse_bool(request.query.get("wait"))
     poll_timeout = parse_timeout(request.query.get("timeout")) if wants_json(request) else None
-    pool = app[POOL]
-    agent = await pool.fetchrow(QUERIES["agent_by_token_hash"], digest)
-    if agent is None:
-        raise ApiError(401, "Unauthorized.", "The agent token is not known.")
-    workspace_id: uuid.UUID = agent["workspace_id"]
-    structlog.contextvars.bind_contextvars(workspace_id=str(workspace_id))
-
-    # Register first, read second: a claim committed at any instant is seen by one of them.
-    with app[HUB].subscribe(workspace_id, wait=wait) as sub:
-        if wait:
-            if (seam := app[LIFECYCLE].before_durable_check) is not None:
-                await seam(workspace_id)
-            with metrics.DURABLE_CHECK_SECONDS.time():
-                verdict = (await read_verdicts(pool, [workspace_id], "seeded"))[workspace_id]
-            if isinstance(verdict, Refuse):
-                raise ApiError(409, verdict.message, verdict.detail)
-            if isinstance(verdict, Deliver):
-                sub.offer(verdict.event)
+    sub, verdict = await _register_and_check(request, digest, wait)
+    with sub:  # leaves the hub on every exit path
+        if isinstance(verdict, Refuse):
+            raise ApiError(409, verdict.message, verdict.detail)
+        if isinstance(verdict, Deliver):
+            sub.offer(verdict.event)
         label = "true" if wait else "false"
         metrics.OPEN_STREAMS.labels(label).inc()
         log.info("agent_waiting", wait=wait, mode="json" if poll_timeout is not None else "sse")
@@ -155,6 +171,15 @@ async def _long_poll(sub: Subscription, seconds: float) -> web.Response:
         return web.Response(status=204)
 
 
+def _fits(request: web.Request, frame: bytes) -> bool:
+    """True when writing `frame` cannot pause the transport, so the write cannot block."""
+    transport = request.transport
+    return (
+        transport is not None
+        and transport.get_write_buffer_size() + len(frame) < transport.get_write_buffer_limits()[1]
+    )
+
+
 async def _stream(request: web.Request, sub: Subscription) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     response.force_close()
@@ -173,8 +198,11 @@ async def _stream(request: web.Request, sub: Subscription) -> web.StreamResponse
             frame = item.frame() if isinstance(item, ReinitEvent) else PING_FRAME
         if frame is not None:
             try:
-                async with asyncio.timeout(write_timeout):
-                    await response.write(frame)
+                if _fits(request, frame):
+                    await response.write(frame)  # cannot block: no timer needed
+                else:
+                    async with asyncio.timeout(write_timeout):
+                        await response.write(frame)
             except TimeoutError:
                 metrics.STALLED_CLIENTS.inc()
                 log.warning("client_stalled", write_timeout_s=write_timeout)

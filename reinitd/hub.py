@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
 
@@ -42,19 +40,27 @@ class Subscription:
     Producers never block and never await a client: `offer`, `ping` and `end` are synchronous.
     A stream delivers each distinct event (reason, owner) at most once, so the durable read, the
     NOTIFY and a resync may all see the same claim and the agent still gets one frame.
+    Used as a context manager, it leaves its hub on every exit path.
     """
 
-    __slots__ = ("_end", "_events", "_ping", "_seen", "_waiter", "limit", "wait", "workspace_id")
+    # Tens of thousands are alive at once: slots, and containers only once needed.
+    __slots__ = ("_end", "_events", "_hub", "_ping", "_seen", "_waiter", "wait", "workspace_id")
 
-    def __init__(self, workspace_id: uuid.UUID, *, wait: bool, limit: int) -> None:
+    def __init__(self, hub: Hub, workspace_id: uuid.UUID, *, wait: bool) -> None:
+        self._hub = hub
         self.workspace_id = workspace_id
         self.wait = wait
-        self.limit = limit
-        self._events: list[ReinitEvent] = []
-        self._seen: set[tuple[str, uuid.UUID | None]] = set()
+        self._events: list[ReinitEvent] | None = None
+        self._seen: set[tuple[str, uuid.UUID | None]] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._ping = False
         self._end: End | None = None
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._hub.remove(self)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -63,12 +69,16 @@ class Subscription:
     def offer(self, event: ReinitEvent) -> bool:
         """Queue `event` unless already seen; on overflow the stream ends. True if queued."""
         key = (event.reason, event.owner_id)
-        if self._end is not None or key in self._seen:
+        if self._end is not None or (self._seen is not None and key in self._seen):
             return False
-        if len(self._events) >= self.limit:
+        if self._events is None or self._seen is None:
+            self._events, self._seen = [], set()
+        if len(self._events) >= self._hub.queue_limit:
             metrics.QUEUE_OVERFLOWS.inc()
             log.warning(
-                "subscriber_overflow", workspace_id=str(self.workspace_id), queued=len(self._events)
+                "subscriber_overflow",
+                workspace_id=str(self.workspace_id),
+                queued=len(self._events),
             )
             self.end(End("overflow"))
             return False
@@ -108,31 +118,38 @@ class Subscription:
 
 
 class Hub:
-    """Subscriptions by workspace id; delivery to a workspace costs O(its own waiters)."""
+    """Subscriptions by workspace id; delivery to a workspace costs O(its own waiters).
+
+    A workspace has few waiters (usually one agent), so each holds a short list.
+    """
 
     def __init__(self, *, queue_limit: int = 16) -> None:
         self.queue_limit = queue_limit
-        self._subs: dict[uuid.UUID, set[Subscription]] = {}
+        self._subs: dict[uuid.UUID, list[Subscription]] = {}
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
 
-    @contextmanager
-    def subscribe(self, workspace_id: uuid.UUID, *, wait: bool) -> Iterator[Subscription]:
-        """Register a subscription for the duration of the block, whatever ends it."""
-        sub = Subscription(workspace_id, wait=wait, limit=self.queue_limit)
-        self._subs.setdefault(workspace_id, set()).add(sub)
+    def subscribe(self, workspace_id: uuid.UUID, *, wait: bool) -> Subscription:
+        """Register a subscription now; use it as a context manager to unregister it."""
+        sub = Subscription(self, workspace_id, wait=wait)
+        subs = self._subs.get(workspace_id)
+        if subs is None:
+            self._subs[workspace_id] = [sub]
+        else:
+            subs.append(sub)
         self._count += 1
-        try:
-            yield sub
-        finally:
-            subs = self._subs.get(workspace_id)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del self._subs[workspace_id]
-            self._count -= 1
+        return sub
+
+    def remove(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.workspace_id)
+        if subs is None or sub not in subs:
+            return
+        subs.remove(sub)
+        if not subs:
+            del self._subs[sub.workspace_id]
+        self._count -= 1
 
     def publish(self, event: ReinitEvent) -> int:
         """Offer a NOTIFY'd claim to every stream of its workspace; returns how many took it."""

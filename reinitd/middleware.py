@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 
 import structlog
 from aiohttp import web
@@ -26,7 +26,7 @@ def _json_error(status: int, message: str, detail: str) -> web.Response:
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id (X-Request-ID when sane) and turn every failure into JSON."""
     given = request.headers.get("X-Request-ID", "")
-    request_id = given if _SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    request_id = given if _SAFE_REQUEST_ID.fullmatch(given) else os.urandom(8).hex()
     # bind (not the context-manager form): the access log line after the handler keeps it.
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
