@@ -171,7 +171,8 @@ async def server(
         yield process, url
     finally:
         if spy is not None:
-            spy.send_signal(signal.SIGINT)
+            with contextlib.suppress(ProcessLookupError):  # it stops with its target
+                spy.send_signal(signal.SIGINT)
             await spy.wait()
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
