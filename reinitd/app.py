@@ -21,10 +21,13 @@ from reinitd.keys import (
     LISTENER,
     POOL,
     READINESS,
+    REFUSALS,
     RESYNCER,
     SETTINGS,
+    STREAM_LIMITS,
     Lifecycle,
 )
+from reinitd.limit import Refusals, StreamsPerAgent
 from reinitd.listener import Listener
 from reinitd.middleware import on_prepare, request_context
 from reinitd.readiness import PROBE_CHANNEL, Readiness
@@ -104,16 +107,30 @@ async def _on_shutdown(app: web.Application) -> None:
     app[HUB].end_all("shutdown")
 
 
+def server_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for the aiohttp server (AppRunner or TestServer): request size
+    limits, and the time a client has to finish its request headers."""
+    return {
+        "keepalive_timeout": settings.header_timeout,
+        "max_line_size": settings.max_line_size,
+        "max_field_size": settings.max_field_size,
+        "max_headers": settings.max_headers,
+    }
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[request_context])
     app[SETTINGS] = settings
     app[HUB] = Hub(queue_limit=settings.queue_limit)
     app[LIFECYCLE] = Lifecycle()
+    app[STREAM_LIMITS] = StreamsPerAgent(settings.max_streams_per_agent)
+    app[REFUSALS] = Refusals()
     app.cleanup_ctx.append(_pool)
     app.cleanup_ctx.append(_delivery)
     app.on_shutdown.append(_on_shutdown)
     app.on_response_prepare.append(on_prepare)
     app.router.add_get(REINIT_PATH, handler.reinit, name="reinit", allow_head=False)
+    app.router.add_get("/api/v2/openapi.json", handler.openapi, allow_head=False)
     app.router.add_get("/healthz", handler.healthz, allow_head=False)
     app.router.add_get("/readyz", handler.readyz, allow_head=False)
     app.router.add_get("/metrics", handler.metrics_handler, allow_head=False)

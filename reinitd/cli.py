@@ -30,7 +30,7 @@ from reinitd.agent import (
     AgentConfig,
     default_state_file,
 )
-from reinitd.app import create_app
+from reinitd.app import create_app, server_options
 from reinitd.client import ReinitError, reinit_events
 from reinitd.keys import LIFECYCLE
 from reinitd.migration import migrate
@@ -167,6 +167,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _option(
         serve,
+        "--max-streams",
+        "REINITD_MAX_STREAMS",
+        18_000,
+        "open streams per process before new requests get 503 with Retry-After",
+        kind=int,
+    )
+    _option(
+        serve,
+        "--max-streams-per-agent",
+        "REINITD_MAX_STREAMS_PER_AGENT",
+        8,
+        "open streams per agent token before new requests get 429",
+        kind=int,
+    )
+    _option(
+        serve,
+        "--header-timeout",
+        "REINITD_HEADER_TIMEOUT",
+        10.0,
+        "seconds a client has to finish its request headers (slowloris), and the idle "
+        "keep-alive limit",
+        kind=_positive,
+    )
+    _option(
+        serve,
         "--workers",
         "REINITD_WORKERS",
         1,
@@ -273,6 +298,7 @@ async def run_server(
         handle_signals=False,
         access_log_class=logsetup.AccessLogger,
         shutdown_timeout=settings.shutdown_timeout,
+        **server_options(settings),
     )
     await runner.setup()
     site = web.TCPSite(
@@ -312,6 +338,9 @@ def _serve(args: argparse.Namespace) -> int:
             resync_interval=args.resync_interval,
             probe_interval=args.probe_interval,
             shutdown_timeout=args.shutdown_timeout,
+            max_streams=args.max_streams,
+            max_streams_per_agent=args.max_streams_per_agent,
+            header_timeout=args.header_timeout,
         )
         if args.workers == 1:
             asyncio.run(run_server(settings))

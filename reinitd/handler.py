@@ -8,6 +8,7 @@ import math
 import re
 import time
 import uuid
+from importlib import resources
 
 import structlog
 from aiohttp import web
@@ -17,7 +18,7 @@ from reinitd import metrics
 from reinitd.claim import WAIT, Deliver, Refuse, Verdict, read_verdicts
 from reinitd.event import PING_FRAME, ReinitEvent, error_frame
 from reinitd.hub import End, Subscription
-from reinitd.keys import HUB, LIFECYCLE, POOL, READINESS, SETTINGS
+from reinitd.keys import HUB, LIFECYCLE, POOL, READINESS, SETTINGS, STREAM_LIMITS
 from reinitd.query import QUERIES
 
 log = structlog.get_logger("reinitd.handler")
@@ -40,13 +41,23 @@ _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 
 
 class ApiError(Exception):
-    """Answered as JSON `{"message", "detail"}` with `status`."""
+    """Answered as JSON `{"message", "detail"}` with `status`; `reason` labels the metric."""
 
-    def __init__(self, status: int, message: str, detail: str = "") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        detail: str = "",
+        *,
+        reason: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.detail = detail
+        self.reason = reason
+        self.headers = headers or {}
 
 
 def parse_bool(value: str | None) -> bool:
@@ -67,10 +78,16 @@ def token_hash(request: web.Request) -> bytes:
             "Unauthorized.",
             f"No agent token: send the {TOKEN_HEADER} header, or the {TOKEN_PARAM} "
             "query parameter or cookie.",
+            reason="no_token",
         )
     raw = raw.strip()
     if not _CANONICAL_UUID.fullmatch(raw):
-        raise ApiError(401, "Unauthorized.", "The agent token is malformed: it must be a UUID.")
+        raise ApiError(
+            401,
+            "Unauthorized.",
+            "The agent token is malformed: it must be a UUID.",
+            reason="malformed_token",
+        )
     return hashlib.sha256(raw.lower().encode()).digest()
 
 
@@ -86,6 +103,7 @@ def parse_timeout(value: str | None) -> float:
             400,
             "Invalid query parameter.",
             f"timeout must be a number of seconds from 0 to {MAX_POLL_TIMEOUT:g}.",
+            reason="bad_timeout",
         )
     return seconds
 
@@ -97,21 +115,33 @@ def wants_json(request: web.Request) -> bool:
 
 async def _register_and_check(
     request: web.Request, digest: bytes, wait: bool
-) -> tuple[Subscription, Verdict]:
+) -> tuple[uuid.UUID, Subscription, Verdict]:
     """On one pooled connection: resolve the token, register the queue, then read the builds.
 
     Register first, read second: a claim committed at any instant is seen by one of them.
+    On success the caller owns a slot of the agent's stream limit and the subscription.
     """
     app = request.app
     async with app[POOL].acquire() as conn:
         agent = await conn.fetchrow(QUERIES["agent_by_token_hash"], digest)
         if agent is None:
-            raise ApiError(401, "Unauthorized.", "The agent token is not known.")
+            raise ApiError(
+                401, "Unauthorized.", "The agent token is not known.", reason="unknown_token"
+            )
+        agent_id: uuid.UUID = agent["agent_id"]
         workspace_id: uuid.UUID = agent["workspace_id"]
         structlog.contextvars.bind_contextvars(workspace_id=str(workspace_id))
+        limits = app[STREAM_LIMITS]
+        if not limits.acquire(agent_id):
+            raise ApiError(
+                429,
+                "Too many streams for this agent.",
+                f"An agent may hold at most {limits.limit} streams at once; close one first.",
+                reason="agent_stream_limit",
+            )
         sub = app[HUB].subscribe(workspace_id, wait=wait)
         if not wait:
-            return sub, WAIT  # older agents: no checks, no 409, nothing pre-seeded
+            return agent_id, sub, WAIT  # older agents: no checks, no 409, nothing pre-seeded
         try:
             if (seam := app[LIFECYCLE].before_durable_check) is not None:
                 await seam(workspace_id)
@@ -120,30 +150,44 @@ async def _register_and_check(
             metrics.DURABLE_CHECK_SECONDS.observe(time.perf_counter() - started)
         except BaseException:
             app[HUB].remove(sub)
+            limits.release(agent_id)
             raise
-        return sub, verdicts[workspace_id]
+        return agent_id, sub, verdicts[workspace_id]
 
 
 async def reinit(request: web.Request) -> web.StreamResponse:
     """GET /api/v2/workspaceagents/me/reinit: wait for this agent's workspace to be claimed."""
+    app = request.app
+    cap = app[SETTINGS].max_streams
+    if len(app[HUB]) >= cap:  # shed load before touching the database
+        raise ApiError(
+            503,
+            "Too many open streams.",
+            f"This server holds its maximum of {cap} streams; retry shortly or elsewhere.",
+            reason="server_full",
+            headers={"Retry-After": "5"},
+        )
     digest = token_hash(request)
     wait = parse_bool(request.query.get("wait"))
     poll_timeout = parse_timeout(request.query.get("timeout")) if wants_json(request) else None
-    sub, verdict = await _register_and_check(request, digest, wait)
-    with sub:  # leaves the hub on every exit path
-        if isinstance(verdict, Refuse):
-            raise ApiError(409, verdict.message, verdict.detail)
-        if isinstance(verdict, Deliver):
-            sub.offer(verdict.event)
-        label = "true" if wait else "false"
-        metrics.OPEN_STREAMS.labels(label).inc()
-        log.info("agent_waiting", wait=wait, mode="json" if poll_timeout is not None else "sse")
-        try:
-            if poll_timeout is not None:
-                return await _long_poll(sub, poll_timeout)
-            return await _stream(request, sub)
-        finally:
-            metrics.OPEN_STREAMS.labels(label).dec()
+    agent_id, sub, verdict = await _register_and_check(request, digest, wait)
+    label = "true" if wait else "false"
+    try:
+        with sub:  # leaves the hub on every exit path
+            if isinstance(verdict, Refuse):
+                raise ApiError(409, verdict.message, verdict.detail, reason="not_waiting")
+            if isinstance(verdict, Deliver):
+                sub.offer(verdict.event)
+            metrics.OPEN_STREAMS.labels(label).inc()
+            log.info("agent_waiting", wait=wait, mode="sse" if poll_timeout is None else "json")
+            try:
+                if poll_timeout is not None:
+                    return await _long_poll(sub, poll_timeout)
+                return await _stream(request, sub)
+            finally:
+                metrics.OPEN_STREAMS.labels(label).dec()
+    finally:
+        app[STREAM_LIMITS].release(agent_id)
 
 
 def _delivered(event: ReinitEvent) -> None:
@@ -163,9 +207,15 @@ async def _long_poll(sub: Subscription, seconds: float) -> web.Response:
                     return web.Response(text=item.to_json(), content_type="application/json")
                 if isinstance(item, End):
                     if item.refusal is not None:
-                        raise ApiError(409, item.refusal.message, item.refusal.detail)
+                        raise ApiError(
+                            409, item.refusal.message, item.refusal.detail, reason="not_waiting"
+                        )
                     raise ApiError(
-                        503, "Service unavailable.", f"The wait ended ({item.why}); retry."
+                        503,
+                        "Service unavailable.",
+                        f"The wait ended ({item.why}); retry.",
+                        reason="wait_ended",
+                        headers={"Retry-After": "1"},
                     )
     except TimeoutError:
         return web.Response(status=204)
@@ -231,6 +281,14 @@ async def readyz(request: web.Request) -> web.Response:
             {"message": "Not ready.", "detail": "; ".join(problems)}, status=503
         )
     return web.json_response({"status": "ready"})
+
+
+OPENAPI = resources.files("reinitd").joinpath("openapi.json").read_bytes()
+
+
+async def openapi(_request: web.Request) -> web.Response:
+    """The OpenAPI 3 document of this API (kept true by tests/test_limits.py)."""
+    return web.Response(body=OPENAPI, content_type="application/json")
 
 
 async def metrics_handler(_request: web.Request) -> web.Response:

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from reinitd.delivery import Resyncer
 from reinitd.hub import Hub
+from reinitd.limit import Refusals, StreamsPerAgent
 from reinitd.listener import Listener
 from reinitd.readiness import Readiness
 from reinitd.settings import Settings
@@ -32,3 +33,5 @@ POOL = web.AppKey("pool", asyncpg.Pool)
 LISTENER = web.AppKey("listener", Listener)
 RESYNCER = web.AppKey("resyncer", Resyncer)
 READINESS = web.AppKey("readiness", Readiness)
+STREAM_LIMITS = web.AppKey("stream_limits", StreamsPerAgent)
+REFUSALS = web.AppKey("refusals", Refusals)

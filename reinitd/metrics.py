@@ -41,3 +41,6 @@ QUEUE_OVERFLOWS = Counter(
 STALLED_CLIENTS = Counter(
     "reinitd_stalled_clients_total", "Streams ended because the client stopped reading"
 )
+REFUSALS = Counter(
+    "reinitd_refusals_total", "Requests refused, by reason (auth, limits, conflicts)", ["reason"]
+)

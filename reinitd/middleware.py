@@ -11,6 +11,7 @@ from aiohttp.typedefs import Handler
 
 from reinitd import metrics
 from reinitd.handler import ApiError
+from reinitd.keys import REFUSALS
 
 log = structlog.get_logger("reinitd.http")
 
@@ -35,14 +36,15 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         response = await handler(request)
     except ApiError as exc:
         response = _json_error(exc.status, exc.message, exc.detail)
-        if exc.status in (401, 409):
-            log.info("request_refused", status=exc.status, reason=exc.message)
+        response.headers.update(exc.headers)
+        request.app[REFUSALS].refuse(exc.reason, exc.status, exc.detail)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         response = _json_error(exc.status, exc.reason, exc.text or "")
         if exc.status == 405:
             response.headers["Allow"] = exc.headers.get("Allow", "")
+        request.app[REFUSALS].refuse(f"http_{exc.status}", exc.status, request.path[:200])
     except Exception:
         log.exception("request_failed")
         response = _json_error(500, "Internal server error.", f"Request id {request_id}.")

@@ -10,26 +10,35 @@ from reinitd.query import QUERIES, migrations
 log = structlog.get_logger("reinitd.migration")
 
 
+async def _applied(conn: asyncpg.Connection) -> set[str]:
+    if not await conn.fetchval(QUERIES["migration_table_exists"]):
+        return set()
+    return {row["name"] for row in await conn.fetch(QUERIES["applied_migrations"])}
+
+
 async def migrate(dsn: str) -> list[str]:
     """Apply missing migrations in one transaction; returns the names applied.
 
-    An advisory lock taken first serialises replicas that start at once: the second waits,
-    then finds everything recorded and applies nothing.
+    With nothing missing it only reads, so a server running under the least-privileged
+    `reinitd_server` role can start. Otherwise an advisory lock taken first serialises
+    replicas that start at once: the second waits, then finds everything recorded.
     """
     conn: asyncpg.Connection = await asyncpg.connect(dsn)
+    applied: list[str] = []
     try:
-        async with conn.transaction():
-            await conn.execute(QUERIES["migration_lock"])
-            await conn.execute(QUERIES["migration_table"])
-            done = {row["name"] for row in await conn.fetch(QUERIES["applied_migrations"])}
-            applied = []
-            for name, sql in migrations():
-                if name in done:
-                    continue
-                log.info("migration_applying", migration=name)
-                await conn.execute(sql)
-                await conn.execute(QUERIES["record_migration"], name)
-                applied.append(name)
+        done = await _applied(conn)
+        if any(name not in done for name, _ in migrations()):
+            async with conn.transaction():
+                await conn.execute(QUERIES["migration_lock"])
+                await conn.execute(QUERIES["migration_table"])
+                done = await _applied(conn)
+                for name, sql in migrations():
+                    if name in done:
+                        continue
+                    log.info("migration_applying", migration=name)
+                    await conn.execute(sql)
+                    await conn.execute(QUERIES["record_migration"], name)
+                    applied.append(name)
     finally:
         await conn.close()
     log.info("migrations_done", applied=applied, already=len(done))

@@ -1,10 +1,9 @@
 -- Named queries, loaded once by reinitd.query: a block starts with a line `-- name --`.
 
 -- agent_by_token_hash --
--- Resolves an agent token (its sha256) to the agent and its workspace: one round trip.
-SELECT id AS agent_id, workspace_id
-FROM reinitd.workspace_agents
-WHERE token_hash = $1
+-- Resolves an agent token (its sha256) to the agent and its workspace: one round trip,
+-- through the one function the server's role may use to read workspace_agents.
+SELECT agent_id, workspace_id FROM reinitd.agent_by_token_hash($1)
 
 -- claim_states --
 -- What the durable check needs for each workspace, batched: the owner, who initiated
@@ -39,6 +38,9 @@ CREATE TABLE IF NOT EXISTS reinitd.schema_migrations (
 
 -- applied_migrations --
 SELECT name FROM reinitd.schema_migrations
+
+-- migration_table_exists --
+SELECT to_regclass('reinitd.schema_migrations') IS NOT NULL
 
 -- record_migration --
 INSERT INTO reinitd.schema_migrations (name) VALUES ($1)

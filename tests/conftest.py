@@ -15,9 +15,9 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
-from reinitd.app import create_app
+from reinitd.app import create_app, server_options
 from reinitd.keys import LISTENER
 from reinitd.migration import migrate
 from reinitd.postgres import Cluster, ensure_cluster
@@ -80,7 +80,10 @@ def make_server(aiohttp_client: ClientFactory, database_url: str) -> ServerFacto
     async def start(**overrides: Any) -> TestClient[web.Request, web.Application]:
         base = Settings(database_url=database_url, probe_interval=0.5, write_timeout=2.0)
         settings = dataclasses.replace(base, **overrides)
-        client = await aiohttp_client(create_app(settings))
+        server = TestServer(create_app(settings))
+        # TestServer takes the server's options here, not in its constructor.
+        await server.start_server(**server_options(settings))
+        client = await aiohttp_client(server)
         await asyncio.wait_for(client.app[LISTENER].wait_connected(), 10)
         return client
 

@@ -1,0 +1,57 @@
+"""Admission limits: streams per agent token, and refusals counted and logged sparingly."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+
+import structlog
+
+from reinitd import metrics
+
+log = structlog.get_logger("reinitd.limit")
+
+
+class StreamsPerAgent:
+    """How many streams each agent holds open; `acquire` refuses beyond `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: Counter[uuid.UUID] = Counter()
+
+    def acquire(self, agent_id: uuid.UUID) -> bool:
+        if self._open[agent_id] >= self.limit:
+            return False
+        self._open[agent_id] += 1
+        return True
+
+    def release(self, agent_id: uuid.UUID) -> None:
+        self._open[agent_id] -= 1
+        if self._open[agent_id] <= 0:
+            del self._open[agent_id]
+
+
+class Refusals:
+    """Every refusal is counted; each reason is logged at most once per `every` seconds,
+    with how many were suppressed since, so that a flood cannot flood the log."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def refuse(self, reason: str, status: int, detail: str) -> None:
+        metrics.REFUSALS.labels(reason).inc()
+        now = time.monotonic()
+        if now - self._last.get(reason, -self.every) < self.every:
+            self._suppressed[reason] += 1
+            return
+        self._last[reason] = now
+        log.warning(
+            "request_refused",
+            reason=reason,
+            status=status,
+            detail=detail,
+            suppressed=self._suppressed.pop(reason, 0),
+        )
