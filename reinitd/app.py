@@ -68,11 +68,21 @@ async def _tasks(*coros: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+PING_SLICES = 150
+
+
 async def _pinger(hub: Hub, interval: float) -> None:
-    """One timer for every stream's keep-alive, instead of one per stream."""
+    """One timer for every stream's keep-alive, instead of one per stream. Each cycle pings a
+    snapshot of the streams in PING_SLICES small batches spread over the interval, so that
+    thousands of pings never land in one loop iteration (a claim would wait behind them).
+    A stream opened mid-cycle gets its first ping in the next cycle."""
     while True:
-        await asyncio.sleep(interval)
-        hub.ping_all()
+        streams = hub.snapshot()
+        step = max(1, -(-len(streams) // PING_SLICES))
+        for start in range(0, PING_SLICES * step, step):
+            await asyncio.sleep(interval / PING_SLICES)
+            for sub in streams[start : start + step]:
+                sub.ping()
 
 
 async def _delivery(app: web.Application) -> AsyncIterator[None]:

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--header-timeout",
         "REINITD_HEADER_TIMEOUT",
-        10.0,
+        30.0,
         "seconds a client has to finish its request headers (slowloris), and the idle "
         "keep-alive limit",
         kind=_positive,

@@ -175,10 +175,9 @@ class Hub:
                 applied += 1
         return applied
 
-    def ping_all(self) -> None:
-        for subs in self._subs.values():
-            for sub in subs:
-                sub.ping()
+    def snapshot(self) -> list[Subscription]:
+        """Every open subscription, now."""
+        return [sub for subs in self._subs.values() for sub in subs]
 
     def end_all(self, why: str) -> None:
         for subs in list(self._subs.values()):

@@ -27,7 +27,7 @@ class Settings:
     max_streams_per_agent: int = 8
     # A client must finish its request headers within this (slowloris); also the idle
     # keep-alive limit between requests.
-    header_timeout: float = 10.0
+    header_timeout: float = 30.0
     max_line_size: int = 8190
     max_field_size: int = 8190
     max_headers: int = 64

@@ -67,7 +67,9 @@ async def test_publish_dedupes_and_reaches_only_that_workspace() -> None:
         for _ in range(1000):
             assert hub.publish(event) == 0  # a flood of duplicates does not grow anything
         assert await mine.next() == event
-        hub.ping_all()
+        assert set(hub.snapshot()) == {mine, theirs}
+        for sub in hub.snapshot():
+            sub.ping()
         assert await mine.next() is PING
         assert await theirs.next() is PING
 

@@ -386,6 +386,8 @@ class Bench:
         return {
             "waiters": opened["registered"],
             "delivered": len(got),
+            "errors": opened["errors"],
+            "error_samples": opened["error_samples"],
             "all_delivered_s": max(got.values()) - committed if got else float("nan"),
         }
 
