@@ -119,24 +119,14 @@ async def server(
             "warning",
         ]
     else:
-        argv = ["-m", "tests.benchmarks.naive", "--port", str(port)]
-    process = (
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            *argv,
-            env={**os.environ, "DATABASE_URL": database_url},
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-        )
-        if kind == "reinitd"
-        else await asyncio.create_subprocess_exec(
-            sys.executable,
-            *argv,
-            "--database-url",
-            database_url,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-        )
+        argv = ["-m", "tests.benchmarks.naive", "--port", str(port), "--database-url", database_url]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *argv,
+        env={**os.environ, "DATABASE_URL": database_url},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as http, asyncio.timeout(60):
