@@ -118,9 +118,12 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 def server_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for the aiohttp server (AppRunner or TestServer): request size
-    limits, and the time a client has to finish its request headers."""
+    """Keyword arguments for the aiohttp server (AppRunner or TestServer): cancellation on
+    disconnect, request size limits, and the time a client has to finish its headers."""
     return {
+        # An agent that hangs up ends its handler at once (its stream slot and queue freed),
+        # not at the next ping.
+        "handler_cancellation": True,
         "keepalive_timeout": settings.header_timeout,
         "max_line_size": settings.max_line_size,
         "max_field_size": settings.max_field_size,

@@ -35,7 +35,6 @@ from reinitd.client import ReinitError, reinit_events
 from reinitd.keys import LIFECYCLE
 from reinitd.migration import migrate
 from reinitd.postgres import Cluster, PostgresError, ensure_cluster
-from reinitd.query import QUERIES
 from reinitd.settings import Settings
 
 log = structlog.get_logger("reinitd.cli")
@@ -266,20 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _ensure_database(cluster: Cluster) -> str:
-    conn: asyncpg.Connection = await asyncpg.connect(cluster.dsn())
-    try:
-        if not await conn.fetchval(QUERIES["database_exists"]):
-            await conn.execute(QUERIES["create_database"])
-    finally:
-        await conn.close()
-    return cluster.dsn("reinitd")
-
-
 def _start_embedded() -> tuple[Cluster, str]:
     print(f"reinitd: starting embedded PostgreSQL under ./{EMBEDDED_DIR}/ ...", file=sys.stderr)
     cluster = ensure_cluster(EMBEDDED_DIR.resolve() / "data")
-    dsn = asyncio.run(_ensure_database(cluster))
+    dsn = asyncio.run(cluster.ensure_database())
     (EMBEDDED_DIR / "database_url").write_text(dsn + "\n")
     print(f"reinitd: embedded PostgreSQL is ready:  psql '{dsn}'", file=sys.stderr)
     log.info("embedded_postgres_ready", dsn=dsn)

@@ -12,7 +12,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import structlog
+
+from reinitd.query import QUERIES
 
 log = structlog.get_logger("reinitd.postgres")
 
@@ -212,6 +215,16 @@ class Cluster:
         """Stop (fast) and start again on the same port, as an operator's restart would."""
         self.stop()
         self.start()
+
+    async def ensure_database(self) -> str:
+        """Create the `reinitd` database if it is missing; returns its DSN."""
+        conn: asyncpg.Connection = await asyncpg.connect(self.dsn())
+        try:
+            if not await conn.fetchval(QUERIES["database_exists"]):
+                await conn.execute(QUERIES["create_database"])
+        finally:
+            await conn.close()
+        return self.dsn("reinitd")
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         """Run SQL through the real psql client; returns its unaligned output."""

@@ -21,7 +21,6 @@ from reinitd.app import create_app, server_options
 from reinitd.keys import LISTENER
 from reinitd.migration import migrate
 from reinitd.postgres import Cluster, ensure_cluster
-from reinitd.query import QUERIES
 from reinitd.settings import Settings
 from tests.support import REINIT, Sql, Stream
 
@@ -43,13 +42,7 @@ def postgres() -> Iterator[Cluster]:
 
 
 async def _create_database(cluster: Cluster) -> str:
-    conn: asyncpg.Connection = await asyncpg.connect(cluster.dsn())
-    try:
-        if not await conn.fetchval(QUERIES["database_exists"]):
-            await conn.execute(QUERIES["create_database"])
-    finally:
-        await conn.close()
-    dsn = cluster.dsn("reinitd")
+    dsn = await cluster.ensure_database()
     await migrate(dsn)
     return dsn
 
@@ -81,8 +74,11 @@ def make_server(aiohttp_client: ClientFactory, database_url: str) -> ServerFacto
         base = Settings(database_url=database_url, probe_interval=0.5, write_timeout=2.0)
         settings = dataclasses.replace(base, **overrides)
         server = TestServer(create_app(settings))
-        # TestServer takes the server's options here, not in its constructor.
-        await server.start_server(**server_options(settings))
+        # TestServer takes the server's options here (not in its constructor), and always
+        # sets handler_cancellation=True itself, as reinitd does.
+        options = server_options(settings)
+        assert options.pop("handler_cancellation") is True
+        await server.start_server(**options)
         client = await aiohttp_client(server)
         await asyncio.wait_for(client.app[LISTENER].wait_connected(), 10)
         return client

@@ -28,7 +28,7 @@ import asyncpg
 
 from reinitd.migration import migrate
 from reinitd.postgres import Cluster, ensure_cluster, free_port
-from reinitd.query import QUERIES, parse_blocks
+from reinitd.query import parse_blocks
 
 BENCH_SQL = parse_blocks((Path(__file__).parent / "bench.sql").read_text())
 RESULTS = Path("bench-results")
@@ -283,6 +283,7 @@ class Bench:
 
     async def unclaim(self, agents: list[tuple[str, str]]) -> None:
         await self.sql("unclaim", [uuid.UUID(w) for _, w in agents])
+        await self.sql("settle")
 
     async def capacity(self, n: int, workers: int) -> dict[str, Any]:
         async with (
@@ -476,16 +477,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     cluster.max_connections = args.max_connections
     cluster.restart()
     try:
-        admin: asyncpg.Connection = await asyncpg.connect(cluster.dsn())
-        await admin.execute(QUERIES["create_database"])
-        await admin.close()
-        dsn = cluster.dsn("reinitd")
+        dsn = await cluster.ensure_database()
         await migrate(dsn)
         total = max(args.waiters * args.max_workers, args.storm, args.latency_waiters)
         say(f"provisioning {total} prebuilds")
         conn: asyncpg.Connection = await asyncpg.connect(dsn)
         rows = await conn.fetch(BENCH_SQL["provision"], total)
         owner = await conn.fetchval("SELECT reinitd.create_user('bench-owner')")
+        await conn.execute(BENCH_SQL["settle"])
         await conn.close()
         bench = Bench(
             cluster, dsn, [(r["agent_token"], str(r["workspace_id"])) for r in rows], owner

@@ -18,3 +18,8 @@ WHERE id = ANY($1::uuid[])
 
 -- claim_one --
 SELECT reinitd.claim_prebuild($1, $2)
+
+-- settle --
+-- After a run's claims and unclaims: reclaim dead rows, so that the next run does not race
+-- autovacuum for the CPU.
+VACUUM (ANALYZE) reinitd.workspaces, reinitd.workspace_builds
