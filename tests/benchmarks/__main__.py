@@ -256,12 +256,11 @@ async def events(gens: list[LoadGen]) -> tuple[dict[str, float], dict[str, float
 
 
 async def wait_events(gens: list[LoadGen], want: int, timeout: float) -> dict[str, float]:
-    deadline = time.monotonic() + timeout
-    while True:
-        got, _ = await events(gens)
-        if len(got) >= want or time.monotonic() > deadline:
-            return got
-        await asyncio.sleep(0.05)
+    """Wait (inside the generators, without polling) until `want` first events arrived."""
+    share = -(-want // len(gens))
+    await asyncio.gather(*(gen.call("wait_events", count=share, timeout=timeout) for gen in gens))
+    got, _ = await events(gens)
+    return got
 
 
 # --- the scenarios ---------------------------------------------------------------------------
@@ -388,10 +387,21 @@ class Bench:
         await self.sql("claim_many", [uuid.UUID(w) for _, w in claimed], self.owner)
         try:
             async with (
-                server("reinitd", self.dsn, workers=workers) as (_proc, url),
+                server("reinitd", self.dsn, workers=workers) as (proc, url),
                 loadgens(-(-n // PER_CLIENT)) as gens,
             ):
+                pm = postmaster_pid(self.cluster)
+                before = (
+                    cpu_seconds(tree(proc.pid)),
+                    cpu_seconds(tree(pm)),
+                    cpu_seconds([g.process.pid for g in gens]),
+                )
                 opened = await open_all(gens, url, agents)
+                after = (
+                    cpu_seconds(tree(proc.pid)),
+                    cpu_seconds(tree(pm)),
+                    cpu_seconds([g.process.pid for g in gens]),
+                )
                 got = await wait_events(gens, len(claimed), 10)
         finally:
             await self.unclaim(claimed)
@@ -405,6 +415,9 @@ class Bench:
             "connects_per_s": opened["registered"] / opened["elapsed_s"],
             "ttfb_p50_ms": 1000 * opened["ttfb_p50_s"],
             "ttfb_p99_ms": 1000 * opened["ttfb_p99_s"],
+            "server_cpu_s": after[0] - before[0],
+            "postgres_cpu_s": after[1] - before[1],
+            "client_cpu_s": after[2] - before[2],
             "claimed": len(claimed),
             "claimed_delivered": len(got),
         }

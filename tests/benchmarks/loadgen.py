@@ -13,15 +13,31 @@ Times are CLOCK_MONOTONIC, comparable across processes on one machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import resource
+import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 
 EVENT_MARK = b"event: data\n"
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+class _Events:
+    """How many first events arrived, and a latch for the harness's `wait_events`."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.want = 1 << 62
+        self.reached = asyncio.Event()
+
+
+EVENTS = _Events()
 
 
 class Waiter(asyncio.Protocol):
@@ -30,6 +46,7 @@ class Waiter(asyncio.Protocol):
     __slots__ = (
         "buffer",
         "closed",
+        "done",
         "event_at",
         "headers_at",
         "request",
@@ -39,7 +56,10 @@ class Waiter(asyncio.Protocol):
         "workspace_id",
     )
 
-    def __init__(self, request: bytes, workspace_id: str, started: float) -> None:
+    def __init__(
+        self, request: bytes, workspace_id: str, started: float, done: Callable[[], None]
+    ) -> None:
+        self.done = done  # called once: headers arrived, or the connection closed first
         self.request = request
         self.workspace_id = workspace_id
         self.started = started
@@ -64,6 +84,7 @@ class Waiter(asyncio.Protocol):
                 return
             self.headers_at = now
             self.status = int(self.buffer[9:12])
+            self.done()
             data = self.buffer[end + 4 :]
             self.buffer = b""
         if not self.event_at:
@@ -71,11 +92,16 @@ class Waiter(asyncio.Protocol):
             if EVENT_MARK in window:
                 self.event_at = now
                 self.buffer = b""
+                EVENTS.seen += 1
+                if EVENTS.seen >= EVENTS.want:
+                    EVENTS.reached.set()
             else:
                 self.buffer = window[-16:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if not self.headers_at:
+            self.done()
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -91,6 +117,7 @@ class LoadGen:
         self.errors: list[str] = []
         self.floor: dict[str, float] = {}
         self.listen_conn: asyncpg.Connection | None = None
+        self._one_done: Callable[[], None] = lambda: None
 
     async def open(
         self, url: str, agents: list[list[str]], sources: list[str], timeout: float = 120.0
@@ -104,24 +131,39 @@ class LoadGen:
                 f"GET /api/v2/workspaceagents/me/reinit?wait=true HTTP/1.1\r\n"
                 f"Host: {host}\r\nCoder-Session-Token: {token}\r\n\r\n"
             ).encode()
-            waiter = Waiter(request, workspace_id, time.monotonic())
+            waiter = Waiter(request, workspace_id, time.monotonic(), self._one_done)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
-                await loop.create_connection(
-                    lambda: waiter, host, int(port), local_addr=(sources[i % len(sources)], 0)
-                )
+                # Pick the source port at connect(), not bind(): bind(port 0) scans every port
+                # in use and made the load generator, not the server, the bottleneck.
+                sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((sources[i % len(sources)], 0))
+                sock.setblocking(False)
+                await loop.sock_connect(sock, (host, int(port)))
+                await loop.create_connection(lambda: waiter, sock=sock)
             except OSError as exc:
+                sock.close()
                 self.errors.append(f"connect: {exc}")
                 return
             self.waiters.append(waiter)
 
         first = len(self.waiters)
+        finished = asyncio.Event()
+        pending = [len(agents)]
+
+        def one_done() -> None:
+            pending[0] -= 1
+            if pending[0] <= 0:
+                finished.set()
+
+        self._one_done = one_done
         await asyncio.gather(*(connect(i, t, w) for i, (t, w) in enumerate(agents)))
         batch = self.waiters[first:]
-        deadline = started + timeout
-        while time.monotonic() < deadline:
-            if all(w.headers_at or w.closed for w in batch):
-                break
-            await asyncio.sleep(0.01)
+        pending[0] -= len(agents) - len(batch)  # connects that failed outright
+        if pending[0] <= 0:
+            finished.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(finished.wait(), max(0.0, started + timeout - time.monotonic()))
         done = [w for w in batch if w.headers_at]
         ttfb = [w.headers_at - w.started for w in done]
         last = max((w.headers_at for w in done), default=started)
@@ -150,6 +192,16 @@ class LoadGen:
         await self.listen_conn.add_listener("prebuild_claimed", on_notify)
         return {"listening": True}
 
+    async def wait_events(self, count: int, timeout: float) -> dict[str, Any]:
+        """Reply once `count` streams have their first event (or at the timeout)."""
+        EVENTS.want = count
+        if EVENTS.seen < count:
+            EVENTS.reached.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(EVENTS.reached.wait(), timeout)
+        EVENTS.want = 1 << 62
+        return {"seen": EVENTS.seen}
+
     def events(self) -> dict[str, Any]:
         return {
             "events": {w.workspace_id: w.event_at for w in self.waiters if w.event_at},
@@ -169,6 +221,7 @@ class LoadGen:
                 waiter.transport.abort()
         count = len(self.waiters)
         self.waiters, self.errors = [], []
+        EVENTS.seen = 0
         return {"closed": count}
 
 
@@ -190,6 +243,8 @@ async def main() -> None:
             reply = await gen.listen(**request)
         elif cmd == "events":
             reply = gen.events()
+        elif cmd == "wait_events":
+            reply = await gen.wait_events(**request)
         elif cmd == "stats":
             reply = gen.stats()
         elif cmd == "close":
