@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import uuid
 from collections.abc import Callable
@@ -29,7 +28,7 @@ def make_dispatcher(hub: Hub, resyncer: Resyncer) -> Callable[[str, str, float],
     def dispatch(channel: str, payload: str, received_at: float) -> None:
         metrics.PAYLOADS_RECEIVED.inc()
         try:
-            event = parse_payload(payload)
+            event = parse_payload(payload, received_at)
         except PayloadError as exc:
             metrics.PAYLOADS_INVALID.labels(exc.kind).inc()
             log.warning(
@@ -45,7 +44,7 @@ def make_dispatcher(hub: Hub, resyncer: Resyncer) -> Callable[[str, str, float],
             if hub.has_waiters(event.workspace_id):
                 resyncer.request(event.workspace_id)
             return
-        hub.publish(dataclasses.replace(event, received_at=received_at))
+        hub.publish(event)
 
     return dispatch
 

@@ -63,13 +63,13 @@ def _uuid(value: object, field: str) -> uuid.UUID:
         raise PayloadError("bad_uuid", f"{field} is not a UUID: {value[:64]!r}") from None
 
 
-def parse_payload(payload: str) -> ReinitEvent:
+def parse_payload(payload: str, received_at: float = 0.0) -> ReinitEvent:
     """A NOTIFY payload: the JSON event, or a bare workspace UUID (a DBA's manual kick)."""
     if len(payload.encode()) > MAX_PAYLOAD_BYTES:
         raise PayloadError("too_long", f"payload of {len(payload)} characters")
     text = payload.strip()
     if not text.startswith("{"):
-        return ReinitEvent(_uuid(text, "payload"))
+        return ReinitEvent(_uuid(text, "payload"), received_at=received_at)
     try:
         data = json.loads(text)
     except ValueError as exc:
@@ -84,4 +84,5 @@ def parse_payload(payload: str) -> ReinitEvent:
         workspace_id=_uuid(data.get("workspace_id"), "workspace_id"),
         reason=reason,
         owner_id=None if owner is None else _uuid(owner, "owner_id"),
+        received_at=received_at,
     )

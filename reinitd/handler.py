@@ -190,8 +190,13 @@ async def reinit(request: web.Request) -> web.StreamResponse:
         app[STREAM_LIMITS].release(agent_id)
 
 
+_DELIVERED_BY_PATH = {
+    path: metrics.EVENTS_DELIVERED.labels(path) for path in ("notify", "seeded", "resync")
+}
+
+
 def _delivered(event: ReinitEvent) -> None:
-    metrics.EVENTS_DELIVERED.labels(event.source).inc()
+    _DELIVERED_BY_PATH[event.source].inc()
     if event.received_at:
         metrics.NOTIFY_TO_WRITE_SECONDS.observe(time.monotonic() - event.received_at)
     log.info("reinit_delivered", path=event.source, owner_id=str(event.owner_id))
