@@ -68,7 +68,7 @@ async def _tasks(*coros: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-PING_SLICES = 150
+PING_SLICES = 500
 
 
 async def _pinger(hub: Hub, interval: float) -> None:
