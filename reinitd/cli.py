@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import gc
 import multiprocessing
 import os
@@ -13,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import asyncpg
 import structlog
@@ -265,7 +266,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lock_embedded() -> None:
+    """One `reinitd serve` per embedded cluster: a second one would restart it under the
+    first. The lock lives as long as this process (and its forked workers)."""
+    EMBEDDED_DIR.mkdir(exist_ok=True)
+    lock = (EMBEDDED_DIR / "serve.lock").open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        url_file = EMBEDDED_DIR / "database_url"
+        url = url_file.read_text().strip() if url_file.exists() else "its database"
+        raise PostgresError(
+            f"another `reinitd serve` is using the embedded PostgreSQL under ./{EMBEDDED_DIR}/; "
+            f"stop it first, or share it: DATABASE_URL='{url}' reinitd serve --port …"
+        ) from None
+    _HELD.append(lock)
+
+
+_HELD: list[IO[str]] = []
+
+
 def _start_embedded() -> tuple[Cluster, str]:
+    _lock_embedded()
     print(f"reinitd: starting embedded PostgreSQL under ./{EMBEDDED_DIR}/ ...", file=sys.stderr)
     cluster = ensure_cluster(EMBEDDED_DIR.resolve() / "data")
     dsn = asyncio.run(cluster.ensure_database())

@@ -1,0 +1,84 @@
+"""`reinitd serve` without DATABASE_URL, as `make run` starts it: the embedded PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+
+from reinitd.postgres import free_port
+
+
+async def start(cwd: Path, port: int) -> asyncio.subprocess.Process:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "reinitd",
+        "serve",
+        "--port",
+        str(port),
+        "--log-format",
+        "json",
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def ready(port: int, process: asyncio.subprocess.Process) -> None:
+    async with aiohttp.ClientSession() as http, asyncio.timeout(60):
+        while True:
+            assert process.returncode is None, await process.stderr.read()  # type: ignore[union-attr]
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+
+
+async def stop(process: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, stderr
+    return stdout, stderr
+
+
+async def test_embedded_postgres_is_created_reused_and_stopped(tmp_path: Path) -> None:
+    """First start: initdb, DSN printed and written; a second serve is refused clearly;
+    stop: PostgreSQL stops too; next start reuses the cluster and its data."""
+    os.chmod(tmp_path, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
+    port = free_port()
+    first = await start(tmp_path, port)
+    await ready(port, first)
+    dsn = (tmp_path / ".reinitd" / "database_url").read_text().strip()
+    conn: asyncpg.Connection = await asyncpg.connect(dsn)
+    workspace = await conn.fetchval("SELECT workspace_id FROM reinitd.create_prebuild('keep')")
+    await conn.close()
+
+    second = await start(tmp_path, free_port())
+    _, refused = await asyncio.wait_for(second.communicate(), 30)
+    assert second.returncode == 1
+    assert b"another `reinitd serve` is using the embedded PostgreSQL" in refused
+
+    _, stderr = await stop(first)
+    assert f"psql '{dsn}'".encode() in stderr
+    assert not (tmp_path / ".reinitd" / "data" / "postmaster.pid").exists()
+
+    again = await start(tmp_path, port)
+    await ready(port, again)
+    conn = await asyncpg.connect(dsn)
+    assert (
+        await conn.fetchval("SELECT count(*) FROM reinitd.workspaces WHERE id = $1", workspace) == 1
+    )
+    await conn.close()
+    stdout, _ = await stop(again)
+    assert b"postgres_initdb" not in stdout  # reused, not initialised again
