@@ -331,6 +331,7 @@ async def run_server(
     log.info("server_stopping")
     await runner.cleanup()
     log.info("server_stopped", duration_s=round(time.monotonic() - started, 3))
+    print("reinitd: stopped", file=sys.stderr)
 
 
 def _serve(args: argparse.Namespace) -> int:

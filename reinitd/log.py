@@ -51,9 +51,12 @@ def configure(level: str = "info", fmt: LogFormat = "auto", stream: TextIO | Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # asyncpg and aiohttp are chatty at debug; their warnings still come through.
+    # asyncio and aiohttp are chatty at debug; their warnings still come through.
     for noisy in ("asyncio", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # While the database is down, asyncpg's pool logs a traceback every few seconds; the
+    # outage is already reported by listener_connect_failed and resync_failed.
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
 
 
 _access = structlog.get_logger("reinitd.access")
