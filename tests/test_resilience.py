@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import struct
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -280,3 +281,25 @@ async def test_server_restart_misses_nothing(database_url: str, sql: Sql, tmp_pa
         response = await get_reinit(http, second.url, agent.token)
         assert (await Stream(response).event()).data == claimed(agent.workspace_id, owner)
         response.close()
+
+
+async def test_agents_hanging_up_mid_request_leave_nothing_behind(client: Client, sql: Sql) -> None:
+    """Hundreds of agents that reset their connection right after the request: the pool, the
+    hub and the per-agent limits all recover, and the next agent is served normally."""
+    agent = await sql.prebuild()
+    request = (
+        f"GET {REINIT}?wait=true HTTP/1.1\r\nHost: x\r\nCoder-Session-Token: {agent.token}\r\n\r\n"
+    ).encode()
+    loop = asyncio.get_running_loop()
+    for _ in range(200):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", client.port))
+        await loop.sock_sendall(sock, request)
+        sock.close()  # RST, maybe before, during or after the handler's queries
+    await until(lambda: len(client.app[HUB]) == 0, what="every subscription released")
+    stream = await open_stream(client, agent.token)
+    owner = await sql.user()
+    await sql.claim(agent.workspace_id, owner)
+    assert (await stream.event()).data == claimed(agent.workspace_id, owner)
