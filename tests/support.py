@@ -161,6 +161,34 @@ class ServerProcess:
         return [json.loads(line) for line in lines if line.startswith("{")]
 
 
+async def reinitd_process(
+    *args: str, env: dict[str, str] | None = None, **kwargs: Any
+) -> asyncio.subprocess.Process:
+    """`python -m reinitd ARGS` as a subprocess (stdin closed; other streams as given)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "reinitd",
+        *args,
+        env=env if env is not None else dict(os.environ),
+        stdin=asyncio.subprocess.DEVNULL,
+        **kwargs,
+    )
+
+
+async def wait_ready(url: str, process: asyncio.subprocess.Process, timeout: float = 30) -> None:
+    """Poll /readyz until 200; fail at once if the process exits first."""
+    async with aiohttp.ClientSession() as session, asyncio.timeout(timeout):
+        while True:
+            if process.returncode is not None:
+                raise RuntimeError(f"server exited with {process.returncode}")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{url}/readyz") as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+
+
 @asynccontextmanager
 async def server_process(
     database_url: str,
@@ -174,10 +202,7 @@ async def server_process(
     port = port or free_port()
     log_path = log_dir / f"serve-{port}-{uuid.uuid4().hex[:6]}.log"
     with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "reinitd",
+        process = await reinitd_process(
             "serve",
             "--port",
             str(port),
@@ -187,19 +212,13 @@ async def server_process(
             env={**os.environ, "DATABASE_URL": database_url, **(env or {})},
             stdout=log_file,
             stderr=asyncio.subprocess.STDOUT,
-            stdin=asyncio.subprocess.DEVNULL,
         )
     server = ServerProcess(process, f"http://127.0.0.1:{port}", port, log_path)
     try:
-        async with aiohttp.ClientSession() as session, asyncio.timeout(30):
-            while True:
-                if process.returncode is not None:
-                    raise RuntimeError(f"server exited: {log_path.read_text()}")
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{server.url}/readyz") as response:
-                        if response.status == 200:
-                            break
-                await asyncio.sleep(0.05)
+        try:
+            await wait_ready(server.url, process)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {log_path.read_text()}") from None
         yield server
     finally:
         if process.returncode is None:

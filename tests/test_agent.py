@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from reinitd.client import ReinitError, SseParser, StreamBroken, reinit_events, 
 from reinitd.event import ReinitEvent
 from reinitd.keys import HUB
 from tests.conftest import ServerFactory
-from tests.support import REINIT, Sql, server_process, until
+from tests.support import REINIT, Sql, reinitd_process, server_process, until
 
 Client = TestClient[web.Request, web.Application]
 
@@ -241,10 +240,7 @@ async def test_cli_once_prints_event_json(
     owner = await sql.user()
     await sql.claim(agent.workspace_id, owner)
     async with server_process(database_url, tmp_path) as server:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "reinitd",
+        process = await reinitd_process(
             "agent",
             "--url",
             server.url,
@@ -265,10 +261,7 @@ async def test_cli_once_prints_event_json(
 
 async def test_cli_rejects_bad_usage() -> None:
     """A malformed token or a missing --exec is a usage error (exit 2) with a clear message."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "reinitd",
+    process = await reinitd_process(
         "agent",
         "--url",
         "http://127.0.0.1:1",

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import sys
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 
 from reinitd.postgres import free_port
+from tests.support import reinitd_process, wait_ready
 
 
 async def start(cwd: Path, port: int) -> asyncio.subprocess.Process:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "reinitd",
+    return await reinitd_process(
         "serve",
         "--port",
         str(port),
@@ -28,21 +23,13 @@ async def start(cwd: Path, port: int) -> asyncio.subprocess.Process:
         "json",
         cwd=cwd,
         env=env,
-        stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
 
 
 async def ready(port: int, process: asyncio.subprocess.Process) -> None:
-    async with aiohttp.ClientSession() as http, asyncio.timeout(60):
-        while True:
-            assert process.returncode is None, await process.stderr.read()  # type: ignore[union-attr]
-            with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.1)
+    await wait_ready(f"http://127.0.0.1:{port}", process, timeout=60)
 
 
 async def stop(process: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
