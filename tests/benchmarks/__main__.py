@@ -438,7 +438,11 @@ class Bench:
                 )
                 held += reply["registered"]
                 if reply["errors"]:
-                    broke = "; ".join(reply["error_samples"][:2]) or "errors"
+                    sample = (reply["error_samples"] or ["errors"])[0]
+                    broke = (
+                        f"broke with {sample} at waiter {held + 1}: PostgreSQL's "
+                        f"max_connections is {self.cluster.max_connections}"
+                    )
                     break
             await asyncio.sleep(1.0)
             pg_after = pss_kb(tree(pm))
@@ -614,7 +618,7 @@ def report(out: dict[str, Any]) -> str:
         naive = out["naive"]["runs"][0]
         line = (
             f"4. Naive baseline (a connection and LISTEN per request): held "
-            f"{naive['waiters_held']} waiters ({naive['broke_with']}); "
+            f"{naive['waiters_held']} waiters, {naive['broke_with']}; "
             f"{naive['memory_per_waiter_kb']:.0f} KB per waiter (server "
             f"{naive['server_rss_per_waiter_kb']:.0f} + PostgreSQL backend PSS "
             f"{naive['postgres_pss_per_waiter_kb']:.0f})"
@@ -644,7 +648,7 @@ def main() -> None:
     parser.add_argument("--claims", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=200.0, help="claims per second")
     parser.add_argument("--storm", type=int, default=10_000)
-    parser.add_argument("--naive-limit", type=int, default=900)
+    parser.add_argument("--naive-limit", type=int, default=1100)
     parser.add_argument("--max-connections", type=int, default=1000)
     parser.add_argument(
         "--only",
