@@ -86,10 +86,12 @@ class Resyncer:
             try:
                 await self.resync(None if full else targets)
                 failures = 0
-            except CONNECTION_ERRORS as exc:
+            except Exception as exc:  # a database outage, or a bug: retry, never stop
                 failures += 1
                 metrics.RESYNC_RUNS.labels("failed").inc()
                 delay = backoff_delay(failures, 0.2, 5.0)
+                if not isinstance(exc, CONNECTION_ERRORS):
+                    log.exception("resync_error")
                 log.warning(
                     "resync_failed",
                     error=str(exc) or type(exc).__name__,

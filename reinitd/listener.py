@@ -100,6 +100,9 @@ class Listener:
                 await self._serve(conn, reconnect_attempt, was_down_since)
             except CONNECTION_ERRORS as exc:
                 log.warning("listener_disconnected", error=str(exc) or type(exc).__name__)
+            except Exception:
+                # Whatever went wrong, the listener must live on: reconnect like after a loss.
+                log.exception("listener_failed")
             finally:
                 self._set_connected(False, None)
                 conn.terminate()

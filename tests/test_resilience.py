@@ -4,6 +4,7 @@ connections, stalled clients, floods, shutdown, and several replicas."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import struct
@@ -18,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from reinitd.keys import HUB, LISTENER
+from reinitd.listener import Listener
 from reinitd.postgres import Cluster
 from tests.conftest import ServerFactory, open_stream
 from tests.proxy import TcpProxy
@@ -303,3 +305,25 @@ async def test_agents_hanging_up_mid_request_leave_nothing_behind(client: Client
     owner = await sql.user()
     await sql.claim(agent.workspace_id, owner)
     assert (await stream.event()).data == claimed(agent.workspace_id, owner)
+
+
+async def test_listener_survives_a_bug_in_its_connect_hook(database_url: str) -> None:
+    """An unexpected exception after connecting is logged and followed by a reconnect."""
+    calls = 0
+
+    def on_connect() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected bug")
+
+    listener = Listener(
+        database_url, ("prebuild_claimed",), lambda *_: None, on_connect, backoff_floor=0.01
+    )
+    task = asyncio.create_task(listener.run())
+    try:
+        await until(lambda: calls == 2 and listener.connected, what="reconnected after the bug")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
