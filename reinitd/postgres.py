@@ -102,6 +102,18 @@ def _fallback_user() -> pwd.struct_passwd:
         return pwd.getpwnam(FALLBACK_USER)
 
 
+def _check_traversable(*paths: Path) -> None:
+    """The unprivileged fallback user must reach the binaries and the data directory."""
+    for path in paths:
+        for folder in [path, *path.parents]:
+            if folder.exists() and not folder.stat().st_mode & 0o001:
+                raise PostgresError(
+                    f"PostgreSQL must run as the unprivileged user {FALLBACK_USER!r} here (no "
+                    f"user namespaces), but {folder} is not traversable by other users: move the "
+                    "checkout (and its .venv) out of it, or chmod o+x it"
+                )
+
+
 @dataclass
 class Cluster:
     """One PostgreSQL data directory, served on 127.0.0.1:port over TCP only."""
@@ -128,6 +140,7 @@ class Cluster:
             if _userns_works():
                 cmd = [*_USERNS_PREFIX, *cmd]
             else:
+                _check_traversable(self.bindir, self.datadir.parent.parent)
                 account = _fallback_user()
                 user, group = account.pw_uid, account.pw_gid
                 for path in (self.datadir.parent, self.datadir):

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import asyncpg
+import pytest
 
+from reinitd import postgres
 from reinitd.postgres import free_port
 from tests.support import reinitd_process, wait_ready
 
@@ -69,3 +74,28 @@ async def test_embedded_postgres_is_created_reused_and_stopped(tmp_path: Path) -
     await conn.close()
     stdout, _ = await stop(again)
     assert b"postgres_initdb" not in stdout  # reused, not initialised again
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the fallback is for root without user namespaces")
+def test_root_fallback_to_an_unprivileged_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where user namespaces are refused (a default Docker container), root runs PostgreSQL
+    as the unprivileged system user instead."""
+    monkeypatch.setattr(postgres, "_userns_works", lambda: False)
+    root = Path(tempfile.mkdtemp(prefix="reinitd-fallback-"))
+    os.chmod(root, 0o755)  # noqa: S103 -- traversable by the unprivileged user
+    try:
+        try:
+            postgres._check_traversable(postgres.find_bindir())
+        except postgres.PostgresError as exc:
+            pytest.skip(f"this checkout is not reachable by other users: {exc}")
+        cluster = postgres.ensure_cluster(root / "data", fsync=False)
+        try:
+            assert cluster.psql("SELECT current_setting('data_directory')").strip() == str(
+                root / "data"
+            )
+            owner = (root / "data").stat().st_uid
+            assert owner == pwd.getpwnam(postgres.FALLBACK_USER).pw_uid
+        finally:
+            cluster.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
