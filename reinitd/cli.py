@@ -73,9 +73,16 @@ def _option(
     )
 
 
-def _positive(text: str) -> float:
+def positive_number(text: str) -> float:
     value = float(text)
     if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+def positive_integer(text: str) -> int:
+    value = int(text)
+    if value < 1:
         raise ValueError(text)
     return value
 
@@ -139,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "REINITD_PING_INTERVAL",
         15.0,
         "seconds between keep-alive frames on open streams",
-        kind=_positive,
+        kind=positive_number,
     )
     _option(
         serve,
@@ -147,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "REINITD_WRITE_TIMEOUT",
         10.0,
         "seconds a client may stall a write before it is disconnected",
-        kind=_positive,
+        kind=positive_number,
     )
     _option(
         serve,
@@ -155,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "REINITD_RESYNC_INTERVAL",
         30.0,
         "seconds between safety-net re-reads of the builds waited on",
-        kind=_positive,
+        kind=positive_number,
     )
     _option(
         serve,
@@ -163,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         "REINITD_PROBE_INTERVAL",
         2.0,
         "seconds between probes of an idle LISTEN connection",
-        kind=_positive,
+        kind=positive_number,
     )
     _option(
         serve,
@@ -171,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         "REINITD_MAX_STREAMS",
         18_000,
         "open streams per process before new requests get 503 with Retry-After",
-        kind=int,
+        kind=positive_integer,
     )
     _option(
         serve,
@@ -179,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "REINITD_MAX_STREAMS_PER_AGENT",
         8,
         "open streams per agent token before new requests get 429",
-        kind=int,
+        kind=positive_integer,
     )
     _option(
         serve,
@@ -188,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         30.0,
         "seconds a client has to finish its request headers (slowloris), and the idle "
         "keep-alive limit",
-        kind=_positive,
+        kind=positive_number,
     )
     _option(
         serve,
@@ -197,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         1,
         "server processes sharing the port (SO_REUSEPORT), each with its own listener; "
         "up to the number of cores",
-        kind=int,
+        kind=positive_integer,
     )
     _option(
         serve,
@@ -205,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "REINITD_SHUTDOWN_TIMEOUT",
         5.0,
         "seconds to wait for requests to finish on shutdown",
-        kind=_positive,
+        kind=positive_number,
     )
     _common(serve)
 
@@ -252,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         "REINITD_AGENT_MAX_ATTEMPTS",
         5,
         "runs of a failing CMD before giving up",
-        kind=int,
+        kind=positive_integer,
     )
     _option(
         agent,
@@ -260,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         "REINITD_PING_INTERVAL",
         15.0,
         "the server's ping interval; three silent intervals mean a dead stream",
-        kind=_positive,
+        kind=positive_number,
     )
     _common(agent)
     return parser

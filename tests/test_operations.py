@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import open_stream
-from tests.support import REINIT, Sql, Stream, server_process
+from tests.support import REINIT, Sql, Stream, reinitd_process, server_process
 
 Client = TestClient[web.Request, web.Application]
 
@@ -163,3 +164,23 @@ async def test_help_explains_every_option(command: str, expected: list[str]) -> 
     text = " ".join(stdout.decode().split())
     for needle in expected:
         assert needle in text
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["serve", "--workers", "0"], {}, b"--workers: invalid positive_integer value: '0'"),
+        (["serve", "--ping-interval", "-1"], {}, b"--ping-interval: invalid positive_number"),
+        (["serve"], {"REINITD_PORT": "http"}, b"invalid value for REINITD_PORT: 'http'"),
+        (["migrate"], {}, b"--database-url (or DATABASE_URL) is required"),
+    ],
+)
+async def test_bad_options_are_clear_errors(
+    args: list[str], env: dict[str, str], expected: bytes
+) -> None:
+    """Invalid flags or environment values stop the command with a message naming them."""
+    clean = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    process = await reinitd_process(*args, env=clean | env, stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode != 0
+    assert expected in stderr
