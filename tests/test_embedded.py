@@ -8,6 +8,7 @@ import pwd
 import shutil
 import signal
 import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -17,20 +18,40 @@ from reinitd import postgres
 from reinitd.postgres import free_port
 from tests.support import reinitd_process, wait_ready
 
+Starter = Callable[[Path, int], Awaitable[asyncio.subprocess.Process]]
 
-async def start(cwd: Path, port: int) -> asyncio.subprocess.Process:
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    return await reinitd_process(
-        "serve",
-        "--port",
-        str(port),
-        "--log-format",
-        "json",
-        cwd=cwd,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+
+@pytest.fixture
+async def start() -> AsyncIterator[Starter]:
+    """Start `reinitd serve` without DATABASE_URL in a folder; whatever a test leaves running
+    is stopped afterwards (SIGTERM also stops its embedded PostgreSQL)."""
+    started: list[asyncio.subprocess.Process] = []
+
+    async def spawn(cwd: Path, port: int) -> asyncio.subprocess.Process:
+        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+        process = await reinitd_process(
+            "serve",
+            "--port",
+            str(port),
+            "--log-format",
+            "json",
+            cwd=cwd,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        started.append(process)
+        return process
+
+    yield spawn
+    for process in started:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.communicate(), 30)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
 
 
 async def ready(port: int, process: asyncio.subprocess.Process) -> None:
@@ -44,7 +65,9 @@ async def stop(process: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
     return stdout, stderr
 
 
-async def test_embedded_postgres_is_created_reused_and_stopped(tmp_path: Path) -> None:
+async def test_embedded_postgres_is_created_reused_and_stopped(
+    tmp_path: Path, start: Starter
+) -> None:
     """First start: initdb, DSN printed and written; a second serve is refused clearly;
     stop: PostgreSQL stops too; next start reuses the cluster and its data."""
     os.chmod(tmp_path, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
