@@ -14,6 +14,7 @@ from reinitd import metrics
 from reinitd.claim import read_verdicts
 from reinitd.event import REASON_FAILED, PayloadError, parse_payload
 from reinitd.hub import Hub
+from reinitd.limit import LogThrottle
 from reinitd.listener import CONNECTION_ERRORS, backoff_delay
 
 log = structlog.get_logger("reinitd.delivery")
@@ -25,19 +26,24 @@ RESYNC_CHUNK = 5000
 def make_dispatcher(hub: Hub, resyncer: Resyncer) -> Callable[[str, str, float], None]:
     """The listener's synchronous callback: validate, then hand off without awaiting."""
 
+    throttle = LogThrottle()  # garbage may arrive in floods: count all, log a few
+
     def dispatch(channel: str, payload: str, received_at: float) -> None:
         metrics.PAYLOADS_RECEIVED.inc()
         try:
             event = parse_payload(payload, received_at)
         except PayloadError as exc:
             metrics.PAYLOADS_INVALID.labels(exc.kind).inc()
-            log.warning(
-                "claim_payload_invalid",
-                channel=channel,
-                kind=exc.kind,
-                error=str(exc),
-                payload_bytes=len(payload.encode()),
-            )
+            suppressed = throttle.allow(exc.kind)
+            if suppressed is not None:
+                log.warning(
+                    "claim_payload_invalid",
+                    channel=channel,
+                    kind=exc.kind,
+                    error=str(exc),
+                    payload_bytes=len(payload.encode()),
+                    suppressed=suppressed,
+                )
             return
         if event.reason == REASON_FAILED:
             # The payload has no error text: the durable read fetches it for wait=true streams.

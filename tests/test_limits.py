@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 import asyncpg
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
 from hypothesis import HealthCheck, given, settings
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from reinitd.handler import OPENAPI, ApiError, parse_bool, parse_timeout, token_hash
 from reinitd.postgres import Cluster
 from tests.conftest import ServerFactory, open_stream
-from tests.support import REINIT, Sql, sample
+from tests.support import REINIT, Agent, Sql, Stream, sample
 
 Client = TestClient[web.Request, web.Application]
 
@@ -297,3 +298,26 @@ async def test_garbage_notifies_under_load_disturb_no_one(client: Client, sql: S
         frame = await stream.event()
         assert frame.data is not None
         assert frame.data["workspace_id"] == str(agent.workspace_id)
+
+
+async def test_garbage_flood_is_counted_but_logged_sparingly(client: Client, sql: Sql) -> None:
+    """100 garbage NOTIFYs: all counted, one log line per kind, with the others suppressed."""
+    agent = await sql.prebuild()
+    stream = await open_stream(client, agent.token)
+    before = sample("reinitd_claim_payloads_invalid_total", kind="bad_json")
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(100):
+            await sql.notify("{not json")
+        await assert_delivered_after(sql, agent, stream)
+    assert sample("reinitd_claim_payloads_invalid_total", kind="bad_json") == before + 100
+    invalid = [entry for entry in logs if entry["event"] == "claim_payload_invalid"]
+    assert len(invalid) == 1
+
+
+async def assert_delivered_after(sql: Sql, agent: Agent, stream: Stream) -> None:
+    """A claim committed now reaches the stream: everything before it was dispatched."""
+    owner = await sql.user()
+    await sql.claim(agent.workspace_id, owner)
+    frame = await stream.event()
+    assert frame.data is not None
+    assert frame.data["owner_id"] == str(owner)
