@@ -33,7 +33,8 @@ def default_state_file(token: str) -> Path:
 
 
 def claim_key(event: ReinitEvent) -> str:
-    return f"{event.workspace_id}/{event.reason}/{event.owner_id or '-'}"
+    """The event's identity as state-file text."""
+    return "/".join("-" if part is None else str(part) for part in event.key)
 
 
 class StateFile:

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from reinitd import handler
 from reinitd.delivery import Resyncer, make_dispatcher
-from reinitd.event import CHANNEL
+from reinitd.event import CHANNEL, REINIT_PATH
 from reinitd.hub import Hub
 from reinitd.keys import (
     HUB,
@@ -34,8 +34,6 @@ from reinitd.readiness import PROBE_CHANNEL, Readiness
 from reinitd.settings import Settings
 
 log = structlog.get_logger("reinitd.app")
-
-REINIT_PATH = "/api/v2/workspaceagents/me/reinit"
 
 
 async def _no_reset(_conn: asyncpg.Connection) -> None:

@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import time
-import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +32,7 @@ from reinitd.agent import (
 )
 from reinitd.app import create_app, server_options
 from reinitd.client import ReinitError, reinit_events
+from reinitd.event import is_token
 from reinitd.keys import LIFECYCLE
 from reinitd.migration import migrate
 from reinitd.postgres import Cluster, PostgresError, ensure_cluster
@@ -442,7 +442,7 @@ def _agent(args: argparse.Namespace) -> int:
     problems = []
     if not args.url:
         problems.append("--url (or REINITD_URL) is required")
-    if not args.token or not _is_uuid(args.token):
+    if not args.token or not is_token(args.token):
         problems.append("--token (or REINITD_AGENT_TOKEN) must be the agent token, a UUID")
     if not args.exec and not args.once:
         problems.append("give --exec CMD, or --once")
@@ -468,14 +468,6 @@ def _agent(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     log.info("agent_starting", url=args.url, state_file=str(config.state_file))
     return asyncio.run(_until_signal(agent.run()))
-
-
-def _is_uuid(text: str) -> bool:
-    try:
-        uuid.UUID(text)
-    except ValueError:
-        return False
-    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,13 +12,11 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 
-from reinitd.event import REASONS, ReinitEvent
+from reinitd.event import REASONS, REINIT_PATH, TOKEN_HEADER, ReinitEvent
 from reinitd.listener import backoff_delay
 
 log = structlog.get_logger("reinitd.client")
 
-REINIT_PATH = "/api/v2/workspaceagents/me/reinit"
-TOKEN_HEADER = "Coder-Session-Token"  # noqa: S105 -- a header name, not a secret
 
 BACKOFF_FLOOR = 0.1
 BACKOFF_CEILING = 10.0
@@ -180,10 +178,6 @@ async def _session(given: aiohttp.ClientSession | None) -> AsyncIterator[aiohttp
         yield own
 
 
-def _event_key(event: ReinitEvent) -> tuple[uuid.UUID, str, uuid.UUID | None]:
-    return (event.workspace_id, event.reason, event.owner_id)
-
-
 async def reinit_events(
     base_url: str,
     token: str,
@@ -214,9 +208,9 @@ async def reinit_events(
                 try:
                     while True:
                         event = await stream.next_event()
-                        if _event_key(event) in seen:
+                        if event.key in seen:
                             continue
-                        seen.add(_event_key(event))
+                        seen.add(event.key)
                         yield event
                 except (StreamBroken, aiohttp.ClientError, OSError) as exc:
                     error = exc

@@ -69,7 +69,6 @@ class Resyncer:
         self._full = False
         self._targets: set[uuid.UUID] = set()
         self._wake = asyncio.Event()
-        self.runs = 0
 
     def request(self, workspace_id: uuid.UUID | None = None) -> None:
         """Ask for a resync of one workspace, or of all waiting ones (None)."""
@@ -124,7 +123,6 @@ class Resyncer:
             verdicts = await read_verdicts(self._pool, chunk, "resync")
             settled += sum(self._hub.settle(ws, verdict) for ws, verdict in verdicts.items())
         elapsed = time.monotonic() - started
-        self.runs += 1
         metrics.RESYNC_RUNS.labels("ok").inc()
         metrics.RESYNC_SECONDS.observe(elapsed)
         (log.info if settled else log.debug)(

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Final
 
 PREBUILDS_USER_ID: Final = uuid.UUID("c42fdf75-3097-471c-8c33-fb52454d81c0")
 CHANNEL: Final = "prebuild_claimed"
+
+REINIT_PATH: Final = "/api/v2/workspaceagents/me/reinit"
+TOKEN_HEADER: Final = "Coder-Session-Token"  # noqa: S105 -- a header name, not a secret
+TOKEN_PARAM: Final = "coder_session_token"  # noqa: S105 -- a parameter and cookie name
+_CANONICAL_UUID = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE
+)
 
 REASON_CLAIMED: Final = "prebuild_claimed"
 REASON_FAILED: Final = "claim_failed"
@@ -18,6 +26,11 @@ REASONS: Final = frozenset({REASON_CLAIMED, REASON_FAILED})
 MAX_PAYLOAD_BYTES: Final = 1024
 
 PING_FRAME: Final = b"event: ping\n\n"
+
+
+def is_token(text: str) -> bool:
+    """An agent token is a UUID in its canonical text form (either case), as Coder's are."""
+    return _CANONICAL_UUID.fullmatch(text) is not None
 
 
 class PayloadError(ValueError):
@@ -36,6 +49,11 @@ class ReinitEvent:
     # Where the event was found (notify, seeded, resync) and when the listener got it.
     source: str = field(default="notify", compare=False)
     received_at: float = field(default=0.0, compare=False)
+
+    @property
+    def key(self) -> tuple[uuid.UUID, str, uuid.UUID | None]:
+        """What makes two events the same claim: delivered, and acted on, once."""
+        return (self.workspace_id, self.reason, self.owner_id)
 
     def to_json(self) -> str:
         """Compact JSON, keys in Coder's order, owner_id omitted when unknown."""

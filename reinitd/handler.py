@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import re
 import time
 import uuid
 from importlib import resources
@@ -16,15 +15,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from reinitd import metrics
 from reinitd.claim import WAIT, Deliver, Refuse, Verdict, read_verdicts
-from reinitd.event import PING_FRAME, ReinitEvent, error_frame
+from reinitd.event import (
+    PING_FRAME,
+    TOKEN_HEADER,
+    TOKEN_PARAM,
+    ReinitEvent,
+    error_frame,
+    is_token,
+)
 from reinitd.hub import End, Subscription
 from reinitd.keys import HUB, LIFECYCLE, POOL, READINESS, SETTINGS, STREAM_LIMITS
 from reinitd.query import QUERIES
 
 log = structlog.get_logger("reinitd.handler")
 
-TOKEN_HEADER = "Coder-Session-Token"  # noqa: S105 -- a header name, not a secret
-TOKEN_PARAM = "coder_session_token"  # noqa: S105 -- a parameter name
 MAX_POLL_TIMEOUT = 300.0
 DEFAULT_POLL_TIMEOUT = 30.0
 
@@ -34,9 +38,6 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 
-_CANONICAL_UUID = re.compile(
-    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE
-)
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 
 
@@ -81,7 +82,7 @@ def token_hash(request: web.Request) -> bytes:
             reason="no_token",
         )
     raw = raw.strip()
-    if not _CANONICAL_UUID.fullmatch(raw):
+    if not is_token(raw):
         raise ApiError(
             401,
             "Unauthorized.",

@@ -51,7 +51,7 @@ class Subscription:
         self.workspace_id = workspace_id
         self.wait = wait
         self._events: list[ReinitEvent] | None = None
-        self._seen: set[tuple[str, uuid.UUID | None]] | None = None
+        self._seen: set[tuple[uuid.UUID, str, uuid.UUID | None]] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._ping = False
         self._end: End | None = None
@@ -68,7 +68,7 @@ class Subscription:
 
     def offer(self, event: ReinitEvent) -> bool:
         """Queue `event` unless already seen; on overflow the stream ends. True if queued."""
-        key = (event.reason, event.owner_id)
+        key = event.key
         if self._end is not None or (self._seen is not None and key in self._seen):
             return False
         if self._events is None or self._seen is None:
@@ -165,7 +165,7 @@ class Hub:
     def settle(self, workspace_id: uuid.UUID, verdict: Verdict) -> int:
         """Apply a durable-check verdict to the `wait=true` streams of a workspace."""
         applied = 0
-        for sub in list(self._subs.get(workspace_id, ())):
+        for sub in self._subs.get(workspace_id, ()):
             if not sub.wait:
                 continue  # older agents are never pre-seeded: they would loop
             if isinstance(verdict, Deliver):
@@ -180,6 +180,5 @@ class Hub:
         return [sub for subs in self._subs.values() for sub in subs]
 
     def end_all(self, why: str) -> None:
-        for subs in list(self._subs.values()):
-            for sub in list(subs):
-                sub.end(End(why))
+        for sub in self.snapshot():
+            sub.end(End(why))

@@ -19,9 +19,10 @@ import aiohttp
 import asyncpg
 from prometheus_client import REGISTRY
 
+from reinitd.event import REINIT_PATH
 from reinitd.postgres import free_port
 
-REINIT = "/api/v2/workspaceagents/me/reinit"
+REINIT = REINIT_PATH
 
 # SPEC §2, byte for byte: an event line, at most one data line, a blank line; no comments.
 _FRAME = re.compile(rb"event: (data|ping|error)\n(?:data: ([^\n]+)\n)?\n")
@@ -176,6 +177,24 @@ async def reinitd_process(
     )
 
 
+def serve_args(port: int, *extra: str) -> list[str]:
+    """`reinitd serve` arguments as the tests run it: a given port, JSON logs."""
+    return ["serve", "--port", str(port), "--log-format", "json", *extra]
+
+
+async def stop_process(process: asyncio.subprocess.Process, timeout: float = 15) -> None:
+    """SIGTERM (the server's clean stop, which also stops an embedded PostgreSQL), then
+    SIGKILL if it has not exited within `timeout`."""
+    if process.returncode is not None:
+        return
+    process.terminate()
+    try:
+        await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
 async def wait_ready(url: str, process: asyncio.subprocess.Process, timeout: float = 30) -> None:
     """Poll /readyz until 200; fail at once if the process exits first."""
     async with aiohttp.ClientSession() as session, asyncio.timeout(timeout):
@@ -203,12 +222,7 @@ async def server_process(
     log_path = log_dir / f"serve-{port}-{uuid.uuid4().hex[:6]}.log"
     with log_path.open("wb") as log_file:
         process = await reinitd_process(
-            "serve",
-            "--port",
-            str(port),
-            "--log-format",
-            "json",
-            *args,
+            *serve_args(port, *args),
             env={**os.environ, "DATABASE_URL": database_url, **(env or {})},
             stdout=log_file,
             stderr=asyncio.subprocess.STDOUT,
@@ -221,13 +235,7 @@ async def server_process(
             raise RuntimeError(f"{exc}: {log_path.read_text()}") from None
         yield server
     finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 15)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await stop_process(process)
 
 
 async def get_reinit(

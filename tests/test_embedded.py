@@ -16,7 +16,7 @@ import pytest
 
 from reinitd import postgres
 from reinitd.postgres import free_port
-from tests.support import reinitd_process, wait_ready
+from tests.support import reinitd_process, serve_args, stop_process, wait_ready
 
 Starter = Callable[[Path, int], Awaitable[asyncio.subprocess.Process]]
 
@@ -30,11 +30,7 @@ async def start() -> AsyncIterator[Starter]:
     async def spawn(cwd: Path, port: int) -> asyncio.subprocess.Process:
         env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
         process = await reinitd_process(
-            "serve",
-            "--port",
-            str(port),
-            "--log-format",
-            "json",
+            *serve_args(port),
             cwd=cwd,
             env=env,
             stdout=asyncio.subprocess.PIPE,
@@ -45,13 +41,7 @@ async def start() -> AsyncIterator[Starter]:
 
     yield spawn
     for process in started:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.communicate(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await stop_process(process, timeout=30)
 
 
 async def ready(port: int, process: asyncio.subprocess.Process) -> None:

@@ -29,6 +29,7 @@ import asyncpg
 from reinitd.migration import migrate
 from reinitd.postgres import Cluster, ensure_cluster, free_port
 from reinitd.query import parse_blocks
+from tests.support import stop_process
 
 BENCH_SQL = parse_blocks((Path(__file__).parent / "bench.sql").read_text())
 RESULTS = Path("bench-results")
@@ -164,13 +165,7 @@ async def server(
             with contextlib.suppress(ProcessLookupError):  # it stops with its target
                 spy.send_signal(signal.SIGINT)
             await spy.wait()
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await stop_process(process, timeout=30)
 
 
 class LoadGen:
