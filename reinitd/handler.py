@@ -40,6 +40,14 @@ SSE_HEADERS = {
 
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 
+# Metric children resolved once, not per request or per frame.
+_OPEN_STREAMS = {
+    wait: metrics.OPEN_STREAMS.labels("true" if wait else "false") for wait in (True, False)
+}
+_DELIVERED_BY_PATH = {
+    path: metrics.EVENTS_DELIVERED.labels(path) for path in ("notify", "seeded", "resync")
+}
+
 
 class ApiError(Exception):
     """Answered as JSON `{"message", "detail"}` with `status`; `reason` labels the metric."""
@@ -172,28 +180,23 @@ async def reinit(request: web.Request) -> web.StreamResponse:
     wait = parse_bool(request.query.get("wait"))
     poll_timeout = parse_timeout(request.query.get("timeout")) if wants_json(request) else None
     agent_id, sub, verdict = await _register_and_check(request, digest, wait)
-    label = "true" if wait else "false"
+    open_streams = _OPEN_STREAMS[wait]
     try:
         with sub:  # leaves the hub on every exit path
             if isinstance(verdict, Refuse):
                 raise ApiError(409, verdict.message, verdict.detail, reason="not_waiting")
             if isinstance(verdict, Deliver):
                 sub.offer(verdict.event)
-            metrics.OPEN_STREAMS.labels(label).inc()
+            open_streams.inc()
             log.info("agent_waiting", wait=wait, mode="sse" if poll_timeout is None else "json")
             try:
                 if poll_timeout is not None:
                     return await _long_poll(sub, poll_timeout)
                 return await _stream(request, sub)
             finally:
-                metrics.OPEN_STREAMS.labels(label).dec()
+                open_streams.dec()
     finally:
         app[STREAM_LIMITS].release(agent_id)
-
-
-_DELIVERED_BY_PATH = {
-    path: metrics.EVENTS_DELIVERED.labels(path) for path in ("notify", "seeded", "resync")
-}
 
 
 def _delivered(event: ReinitEvent) -> None:
