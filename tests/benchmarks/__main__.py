@@ -58,24 +58,24 @@ def tree(pid: int) -> list[int]:
     return pids
 
 
-def rss_kb(pids: list[int]) -> int:
+def _sum_kb(pids: list[int], file: str, field: str) -> int:
+    """Sum a `Field:  N kB` line of /proc/<pid>/<file> over processes (gone ones count 0)."""
     total = 0
     for pid in pids:
         with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+                if line.startswith(field):
                     total += int(line.split()[1])
     return total
+
+
+def rss_kb(pids: list[int]) -> int:
+    return _sum_kb(pids, "status", "VmRSS:")
 
 
 def pss_kb(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-    return total
+    """Proportional set size: shared pages split among the processes sharing them."""
+    return _sum_kb(pids, "smaps_rollup", "Pss:")
 
 
 def cpu_seconds(pids: list[int]) -> float:
