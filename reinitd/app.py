@@ -12,25 +12,27 @@ import structlog
 from aiohttp import web
 
 from reinitd import handler
-from reinitd.delivery import Resyncer, make_dispatcher
+from reinitd.admission import Admission
+from reinitd.doorbell import Doorbell
 from reinitd.event import CHANNEL, REINIT_PATH
 from reinitd.hub import Hub
 from reinitd.keys import (
+    ADMISSION,
+    DOORBELL,
     HUB,
     LIFECYCLE,
     LISTENER,
     POOL,
     READINESS,
     REFUSALS,
-    RESYNCER,
     SETTINGS,
-    STREAM_LIMITS,
     Lifecycle,
 )
-from reinitd.limit import Refusals, StreamsPerAgent
+from reinitd.limit import Refusals
 from reinitd.listener import Listener
 from reinitd.middleware import on_prepare, request_context
-from reinitd.readiness import PROBE_CHANNEL, Readiness
+from reinitd.readiness import PROBE_CHANNEL, Echoes, Readiness
+from reinitd.router import Router
 from reinitd.settings import Settings
 
 log = structlog.get_logger("reinitd.app")
@@ -84,27 +86,28 @@ async def _pinger(hub: Hub, interval: float) -> None:
 
 
 async def _delivery(app: web.Application) -> AsyncIterator[None]:
+    """The listener, the router behind it, the doorbell's batched reads and the pings."""
     settings, hub = app[SETTINGS], app[HUB]
-    resyncer = Resyncer(app[POOL], hub, interval=settings.resync_interval)
-    dispatch = make_dispatcher(hub, resyncer)
-
-    def on_notify(channel: str, payload: str, received_at: float) -> None:
-        if channel == PROBE_CHANNEL:
-            readiness.echo(payload)
-        else:
-            dispatch(channel, payload, received_at)
-
+    doorbell = Doorbell(app[POOL], hub, resync_interval=settings.resync_interval)
+    echoes = Echoes()
+    router = Router({CHANNEL: doorbell.on_payload, PROBE_CHANNEL: echoes.on_payload})
     listener = Listener(
         settings.listen_dsn,
-        (CHANNEL, PROBE_CHANNEL),
-        on_notify,
-        resyncer.request,
+        router,
+        # After every (re)connect, once LISTEN is active: NOTIFYs may have been lost.
+        doorbell.ring_all,
         probe_interval=settings.probe_interval,
         probe_timeout=settings.probe_timeout,
     )
-    readiness = Readiness(app[POOL], listener)
-    app[RESYNCER], app[LISTENER], app[READINESS] = resyncer, listener, readiness
-    async with _tasks(listener.run(), resyncer.run(), _pinger(hub, settings.ping_interval)):
+    readiness = Readiness(app[POOL], listener, echoes)
+    app[ADMISSION] = Admission(
+        app[POOL],
+        hub,
+        max_streams=settings.max_streams,
+        max_streams_per_agent=settings.max_streams_per_agent,
+    )
+    app[DOORBELL], app[LISTENER], app[READINESS] = doorbell, listener, readiness
+    async with _tasks(listener.run(), doorbell.run(), _pinger(hub, settings.ping_interval)):
         yield
 
 
@@ -134,7 +137,6 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[HUB] = Hub(queue_limit=settings.queue_limit)
     app[LIFECYCLE] = Lifecycle()
-    app[STREAM_LIMITS] = StreamsPerAgent(settings.max_streams_per_agent)
     app[REFUSALS] = Refusals()
     app.cleanup_ctx.append(_pool)
     app.cleanup_ctx.append(_delivery)

@@ -46,7 +46,7 @@ class Row(Protocol):
 WAIT = Wait()
 
 
-def judge(row: Row | None, source: str) -> Verdict:
+def judge(row: Row | None) -> Verdict:
     """Apply SPEC §2's `wait=true` rules to a `claim_states` row (None: workspace gone)."""
     if row is None:
         return Refuse(NOT_WAITING_MESSAGE, "The workspace no longer exists.")
@@ -65,7 +65,7 @@ def judge(row: Row | None, source: str) -> Verdict:
         case "failed":
             return Refuse(CLAIM_FAILED_MESSAGE, row["latest_error"] or "")
         case "succeeded":
-            return Deliver(ReinitEvent(row["workspace_id"], owner_id=owner, source=source))
+            return Deliver(ReinitEvent(row["workspace_id"], owner_id=owner))
         case _:
             return WAIT
 
@@ -73,9 +73,8 @@ def judge(row: Row | None, source: str) -> Verdict:
 async def read_verdicts(
     db: asyncpg.Pool | asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
     workspace_ids: Sequence[uuid.UUID],
-    source: str,
 ) -> dict[uuid.UUID, Verdict]:
     """One round trip: the verdict for every workspace in `workspace_ids`."""
     rows = await db.fetch(QUERIES["claim_states"], workspace_ids)
     found: dict[uuid.UUID, Row] = {row["workspace_id"]: row for row in rows}
-    return {ws: judge(found.get(ws), source) for ws in workspace_ids}
+    return {ws: judge(found.get(ws)) for ws in workspace_ids}

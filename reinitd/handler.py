@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import math
 import time
-import uuid
 from importlib import resources
 
 import structlog
@@ -14,18 +13,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from reinitd import metrics
-from reinitd.claim import WAIT, Deliver, Refuse, Verdict, read_verdicts
-from reinitd.event import (
-    PING_FRAME,
-    TOKEN_HEADER,
-    TOKEN_PARAM,
-    ReinitEvent,
-    error_frame,
-    is_token,
-)
-from reinitd.hub import End, Subscription
-from reinitd.keys import HUB, LIFECYCLE, POOL, READINESS, SETTINGS, STREAM_LIMITS
-from reinitd.query import QUERIES
+from reinitd.claim import Deliver, Refuse
+from reinitd.errors import ApiError
+from reinitd.event import PING_FRAME, TOKEN_HEADER, TOKEN_PARAM, error_frame, is_token
+from reinitd.hub import Delivery, End, Subscription
+from reinitd.keys import ADMISSION, LIFECYCLE, READINESS, SETTINGS
 
 log = structlog.get_logger("reinitd.handler")
 
@@ -47,26 +39,6 @@ _OPEN_STREAMS = {
 _DELIVERED_BY_PATH = {
     path: metrics.EVENTS_DELIVERED.labels(path) for path in ("notify", "seeded", "resync")
 }
-
-
-class ApiError(Exception):
-    """Answered as JSON `{"message", "detail"}` with `status`; `reason` labels the metric."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        detail: str = "",
-        *,
-        reason: str,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.detail = detail
-        self.reason = reason
-        self.headers = headers or {}
 
 
 def parse_bool(value: str | None) -> bool:
@@ -122,88 +94,33 @@ def wants_json(request: web.Request) -> bool:
     return "application/json" in accept and "text/event-stream" not in accept
 
 
-async def _register_and_check(
-    request: web.Request, digest: bytes, wait: bool
-) -> tuple[uuid.UUID, Subscription, Verdict]:
-    """On one pooled connection: resolve the token, register the queue, then read the builds.
-
-    Register first, read second: a claim committed at any instant is seen by one of them.
-    On success the caller owns a slot of the agent's stream limit and the subscription.
-    """
-    app = request.app
-    async with app[POOL].acquire() as conn:
-        agent = await conn.fetchrow(QUERIES["agent_by_token_hash"], digest)
-        if agent is None:
-            raise ApiError(
-                401, "Unauthorized.", "The agent token is not known.", reason="unknown_token"
-            )
-        agent_id: uuid.UUID = agent["agent_id"]
-        workspace_id: uuid.UUID = agent["workspace_id"]
-        structlog.contextvars.bind_contextvars(workspace_id=str(workspace_id))
-        limits = app[STREAM_LIMITS]
-        if not limits.acquire(agent_id):
-            raise ApiError(
-                429,
-                "Too many streams for this agent.",
-                f"An agent may hold at most {limits.limit} streams at once; close one first.",
-                reason="agent_stream_limit",
-            )
-        sub = app[HUB].subscribe(workspace_id, wait=wait)
-        if not wait:
-            return agent_id, sub, WAIT  # older agents: no checks, no 409, nothing pre-seeded
-        try:
-            if (seam := app[LIFECYCLE].before_durable_check) is not None:
-                await seam(workspace_id)
-            started = time.perf_counter()
-            verdicts = await read_verdicts(conn, [workspace_id], "seeded")
-            metrics.DURABLE_CHECK_SECONDS.observe(time.perf_counter() - started)
-        except BaseException:
-            app[HUB].remove(sub)
-            limits.release(agent_id)
-            raise
-        return agent_id, sub, verdicts[workspace_id]
-
-
 async def reinit(request: web.Request) -> web.StreamResponse:
     """GET /api/v2/workspaceagents/me/reinit: wait for this agent's workspace to be claimed."""
-    app = request.app
-    cap = app[SETTINGS].max_streams
-    if len(app[HUB]) >= cap:  # shed load before touching the database
-        raise ApiError(
-            503,
-            "Too many open streams.",
-            f"This server holds its maximum of {cap} streams; retry shortly or elsewhere.",
-            reason="server_full",
-            headers={"Retry-After": "5"},
-        )
     digest = token_hash(request)
     wait = parse_bool(request.query.get("wait"))
     poll_timeout = parse_timeout(request.query.get("timeout")) if wants_json(request) else None
-    agent_id, sub, verdict = await _register_and_check(request, digest, wait)
-    open_streams = _OPEN_STREAMS[wait]
-    try:
-        with sub:  # leaves the hub on every exit path
-            if isinstance(verdict, Refuse):
-                raise ApiError(409, verdict.message, verdict.detail, reason="not_waiting")
-            if isinstance(verdict, Deliver):
-                sub.offer(verdict.event)
-            open_streams.inc()
-            log.info("agent_waiting", wait=wait, mode="sse" if poll_timeout is None else "json")
-            try:
-                if poll_timeout is not None:
-                    return await _long_poll(sub, poll_timeout)
-                return await _stream(request, sub)
-            finally:
-                open_streams.dec()
-    finally:
-        app[STREAM_LIMITS].release(agent_id)
+    async with request.app[ADMISSION].admit(digest, wait=wait) as ticket:
+        sub, verdict = ticket.subscription, ticket.verdict
+        if isinstance(verdict, Refuse):
+            raise ApiError(409, verdict.message, verdict.detail, reason="not_waiting")
+        if isinstance(verdict, Deliver):
+            sub.offer(Delivery(verdict.event, "seeded"))
+        open_streams = _OPEN_STREAMS[wait]
+        open_streams.inc()
+        log.info("agent_waiting", wait=wait, mode="sse" if poll_timeout is None else "json")
+        try:
+            if poll_timeout is not None:
+                return await _long_poll(sub, poll_timeout)
+            return await _stream(request, sub)
+        finally:
+            open_streams.dec()
 
 
-def _delivered(event: ReinitEvent) -> None:
-    _DELIVERED_BY_PATH[event.source].inc()
-    if event.received_at:
-        metrics.NOTIFY_TO_WRITE_SECONDS.observe(time.monotonic() - event.received_at)
-    log.info("reinit_delivered", path=event.source, owner_id=str(event.owner_id))
+def _delivered(delivery: Delivery) -> None:
+    _DELIVERED_BY_PATH[delivery.source].inc()
+    if delivery.received_at:
+        metrics.NOTIFY_TO_WRITE_SECONDS.observe(time.monotonic() - delivery.received_at)
+    log.info("reinit_delivered", path=delivery.source, owner_id=str(delivery.event.owner_id))
 
 
 async def _long_poll(sub: Subscription, seconds: float) -> web.Response:
@@ -211,9 +128,9 @@ async def _long_poll(sub: Subscription, seconds: float) -> web.Response:
         async with asyncio.timeout(seconds):
             while True:
                 item = await sub.next()
-                if isinstance(item, ReinitEvent):
+                if isinstance(item, Delivery):
                     _delivered(item)
-                    return web.Response(text=item.to_json(), content_type="application/json")
+                    return web.Response(text=item.event.to_json(), content_type="application/json")
                 if isinstance(item, End):
                     if item.refusal is not None:
                         raise ApiError(
@@ -254,7 +171,7 @@ async def _stream(request: web.Request, sub: Subscription) -> web.StreamResponse
             )
             log.info("stream_ended", why=item.why)
         else:
-            frame = item.frame() if isinstance(item, ReinitEvent) else PING_FRAME
+            frame = item.event.frame() if isinstance(item, Delivery) else PING_FRAME
         if frame is not None:
             try:
                 if _fits(request, frame):
@@ -270,7 +187,7 @@ async def _stream(request: web.Request, sub: Subscription) -> web.StreamResponse
                 return response
             except ConnectionError:
                 return response  # the agent hung up; it will reconnect
-        if isinstance(item, ReinitEvent):
+        if isinstance(item, Delivery):
             _delivered(item)
         elif isinstance(item, End):
             return response

@@ -24,6 +24,16 @@ PING: Final = Ping()
 
 
 @dataclass(frozen=True, slots=True)
+class Delivery:
+    """A claim for one stream, with how it was found (seeded, notify, resync) and when the
+    listener received the NOTIFY behind it (0 when none did)."""
+
+    event: ReinitEvent
+    source: str
+    received_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class End:
     """The stream must end: `why` is shutdown, overflow or refused (then with a `refusal`)."""
 
@@ -31,15 +41,15 @@ class End:
     refusal: Refuse | None = None
 
 
-Item = ReinitEvent | Ping | End
+Item = Delivery | Ping | End
 
 
 class Subscription:
     """One request's mailbox: distinct events (bounded), a ping flag and an end marker.
 
     Producers never block and never await a client: `offer`, `ping` and `end` are synchronous.
-    A stream delivers each distinct event (reason, owner) at most once, so the durable read, the
-    NOTIFY and a resync may all see the same claim and the agent still gets one frame.
+    A stream delivers each distinct claim at most once, so the durable check, a doorbell and a
+    resync may all see the same claim and the agent still gets one frame.
     Used as a context manager, it leaves its hub on every exit path.
     """
 
@@ -50,7 +60,7 @@ class Subscription:
         self._hub = hub
         self.workspace_id = workspace_id
         self.wait = wait
-        self._events: list[ReinitEvent] | None = None
+        self._events: list[Delivery] | None = None
         self._seen: set[tuple[uuid.UUID, str, uuid.UUID | None]] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._ping = False
@@ -66,9 +76,9 @@ class Subscription:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def offer(self, event: ReinitEvent) -> bool:
-        """Queue `event` unless already seen; on overflow the stream ends. True if queued."""
-        key = event.key
+    def offer(self, delivery: Delivery) -> bool:
+        """Queue a claim unless already seen; on overflow the stream ends. True if queued."""
+        key = delivery.event.key
         if self._end is not None or (self._seen is not None and key in self._seen):
             return False
         if self._events is None or self._seen is None:
@@ -83,7 +93,7 @@ class Subscription:
             self.end(End("overflow"))
             return False
         self._seen.add(key)
-        self._events.append(event)
+        self._events.append(delivery)
         self._wake()
         return True
 
@@ -95,6 +105,14 @@ class Subscription:
         if self._end is None:
             self._end = end
             self._wake()
+
+    def refuse(self, refusal: Refuse) -> bool:
+        """End a stream that can no longer wait, with the refusal as its error frame; a stream
+        that already has its claim keeps it (a later build is no news). True if it ends."""
+        if self._seen or self._end is not None:
+            return False
+        self.end(End("refused", refusal))
+        return True
 
     def _take(self) -> Item | None:
         if self._events:
@@ -131,6 +149,10 @@ class Hub:
     def __len__(self) -> int:
         return self._count
 
+    def __contains__(self, workspace_id: object) -> bool:
+        """Whether any stream here waits on `workspace_id`."""
+        return workspace_id in self._subs
+
     def subscribe(self, workspace_id: uuid.UUID, *, wait: bool) -> Subscription:
         """Register a subscription now; use it as a context manager to unregister it."""
         sub = Subscription(self, workspace_id, wait=wait)
@@ -151,10 +173,6 @@ class Hub:
             del self._subs[sub.workspace_id]
         self._count -= 1
 
-    def publish(self, event: ReinitEvent) -> int:
-        """Offer a NOTIFY'd claim to every stream of its workspace; returns how many took it."""
-        return sum(sub.offer(event) for sub in self._subs.get(event.workspace_id, ()))
-
     def has_waiters(self, workspace_id: uuid.UUID) -> bool:
         return any(sub.wait for sub in self._subs.get(workspace_id, ()))
 
@@ -162,17 +180,20 @@ class Hub:
         """Workspaces with at least one `wait=true` stream: what a resync must re-read."""
         return [ws for ws, subs in self._subs.items() if any(s.wait for s in subs)]
 
-    def settle(self, workspace_id: uuid.UUID, verdict: Verdict) -> int:
-        """Apply a durable-check verdict to the `wait=true` streams of a workspace."""
+    def settle(
+        self, workspace_id: uuid.UUID, verdict: Verdict, source: str, received_at: float = 0.0
+    ) -> int:
+        """Apply what the database says about a workspace to its streams; returns how many it
+        changed. A claim reaches every `wait=true` stream, and streams without `wait` only when
+        a NOTIFY rang for it (older agents are never pre-seeded: they would loop). A refusal
+        ends the `wait=true` streams with an error frame: they cannot wait any more."""
         applied = 0
         for sub in self._subs.get(workspace_id, ()):
-            if not sub.wait:
-                continue  # older agents are never pre-seeded: they would loop
             if isinstance(verdict, Deliver):
-                applied += sub.offer(verdict.event)
-            elif isinstance(verdict, Refuse):
-                sub.end(End("refused", verdict))
-                applied += 1
+                if sub.wait or source == "notify":
+                    applied += sub.offer(Delivery(verdict.event, source, received_at))
+            elif isinstance(verdict, Refuse) and sub.wait:
+                applied += sub.refuse(verdict)
         return applied
 
     def snapshot(self) -> list[Subscription]:

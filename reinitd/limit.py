@@ -1,9 +1,8 @@
-"""Admission limits: streams per agent token, and refusals counted and logged sparingly."""
+"""Refusals counted and logged sparingly, and the throttle that keeps floods out of the log."""
 
 from __future__ import annotations
 
 import time
-import uuid
 from collections import Counter
 
 import structlog
@@ -11,25 +10,6 @@ import structlog
 from reinitd import metrics
 
 log = structlog.get_logger("reinitd.limit")
-
-
-class StreamsPerAgent:
-    """How many streams each agent holds open; `acquire` refuses beyond `limit`."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._open: Counter[uuid.UUID] = Counter()
-
-    def acquire(self, agent_id: uuid.UUID) -> bool:
-        if self._open[agent_id] >= self.limit:
-            return False
-        self._open[agent_id] += 1
-        return True
-
-    def release(self, agent_id: uuid.UUID) -> None:
-        self._open[agent_id] -= 1
-        if self._open[agent_id] <= 0:
-            del self._open[agent_id]
 
 
 class LogThrottle:

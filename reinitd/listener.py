@@ -12,6 +12,7 @@ import structlog
 
 from reinitd import metrics
 from reinitd.query import QUERIES
+from reinitd.router import Router
 
 log = structlog.get_logger("reinitd.listener")
 
@@ -32,7 +33,7 @@ class Listener:
     """Holds one asyncpg connection LISTENing on `channels`; never a pooled connection, since
     releasing one to a pool runs UNLISTEN *.
 
-    `on_notify(channel, payload, received_at)` is called synchronously and must only hand off;
+    Each NOTIFY goes to the router, synchronously (its handlers only hand off);
     `on_connect()` runs after every (re)connect once LISTEN is active, so a re-read it triggers
     cannot miss a claim committed while the connection was down.
     """
@@ -40,8 +41,7 @@ class Listener:
     def __init__(
         self,
         dsn: str,
-        channels: tuple[str, ...],
-        on_notify: Callable[[str, str, float], None],
+        router: Router,
         on_connect: Callable[[], None],
         *,
         probe_interval: float = 2.0,
@@ -50,8 +50,7 @@ class Listener:
         backoff_ceiling: float = 5.0,
     ) -> None:
         self._dsn = dsn
-        self._channels = channels
-        self._on_notify = on_notify
+        self._router = router
         self._on_connect = on_connect
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
@@ -66,7 +65,7 @@ class Listener:
 
     def _callback(self, _conn: object, _pid: int, channel: str, payload: object) -> None:
         try:
-            self._on_notify(channel, str(payload), time.monotonic())
+            self._router(channel, str(payload), time.monotonic())
         except Exception:
             # A bug in dispatch must never take the listener down with it.
             log.exception("notify_dispatch_failed", channel=channel)
@@ -115,11 +114,11 @@ class Listener:
     ) -> None:
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
-        for channel in self._channels:
+        for channel in self._router.channels:
             await conn.add_listener(channel, self._callback)
         self._set_connected(True, conn)
         if down_since is None:
-            log.info("listener_connected", channels=list(self._channels))
+            log.info("listener_connected", channels=list(self._router.channels))
         else:
             metrics.LISTENER_RECONNECTS.inc()
             log.info(

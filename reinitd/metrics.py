@@ -23,9 +23,25 @@ LISTENER_CONNECTED = Gauge(
 LISTENER_RECONNECTS = Counter(
     "reinitd_listener_reconnects_total", "LISTEN connections re-established after a loss"
 )
-RESYNC_RUNS = Counter("reinitd_resync_runs_total", "Resyncs of waiting streams", ["outcome"])
-RESYNC_SECONDS = Histogram(
-    "reinitd_resync_duration_seconds", "Duration of one resync", buckets=_FAST_BUCKETS
+DOORBELL_OUTCOMES = ("claimed", "refused", "unconfirmed", "no_waiters")
+DOORBELLS = Counter(
+    "reinitd_doorbells_total",
+    "NOTIFYs naming a workspace, by what the database said: claimed, refused (the claim "
+    "failed, or is in the past), unconfirmed (nothing to deliver: a forgery or a stray "
+    "NOTIFY), no_waiters (no stream here waits on it: not read)",
+    ["outcome"],
+)
+READS = Counter(
+    "reinitd_reads_total",
+    "Batched build reads for doorbells, resyncs and the safety-net timer",
+    ["outcome"],
+)
+READ_SECONDS = Histogram(
+    "reinitd_read_duration_seconds", "Duration of one batched build read", buckets=_FAST_BUCKETS
+)
+SLOTS_IN_USE = Gauge(
+    "reinitd_admission_slots",
+    "Process slots held by admitted requests (at rest: equal to the open streams)",
 )
 DURABLE_CHECK_SECONDS = Histogram(
     "reinitd_durable_check_duration_seconds",
@@ -47,3 +63,29 @@ STALLED_CLIENTS = Counter(
 REFUSALS = Counter(
     "reinitd_refusals_total", "Requests refused, by reason (auth, limits, conflicts)", ["reason"]
 )
+
+# Every labelled series exists from the start, at 0, so that alert rules have something to
+# evaluate before the first occurrence.
+for _outcome in DOORBELL_OUTCOMES:
+    DOORBELLS.labels(_outcome)
+for _outcome in ("ok", "failed"):
+    READS.labels(_outcome)
+for _kind in ("too_long", "bad_json", "bad_uuid"):
+    PAYLOADS_INVALID.labels(_kind)
+for _path in ("seeded", "notify", "resync"):
+    EVENTS_DELIVERED.labels(_path)
+for _wait in ("true", "false"):
+    OPEN_STREAMS.labels(_wait)
+for _status in ("200", "204", "400", "401", "404", "405", "409", "429", "500", "503"):
+    RESPONSES.labels(_status)
+for _reason in (
+    "no_token",
+    "malformed_token",
+    "unknown_token",
+    "bad_timeout",
+    "not_waiting",
+    "agent_stream_limit",
+    "server_full",
+    "wait_ended",
+):
+    REFUSALS.labels(_reason)

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from reinitd import metrics
-from reinitd.handler import ApiError
+from reinitd.errors import ApiError
 from reinitd.keys import REFUSALS
 
 log = structlog.get_logger("reinitd.http")

@@ -128,8 +128,8 @@ class Cluster:
     def logfile(self) -> Path:
         return self.datadir.parent / "postgres.log"
 
-    def dsn(self, database: str = "postgres") -> str:
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+    def dsn(self, database: str = "postgres", user: str = SUPERUSER) -> str:
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
 
     def _run(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run a PostgreSQL binary, never as root (initdb and pg_ctl refuse it)."""

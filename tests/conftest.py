@@ -18,11 +18,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from reinitd.app import create_app, server_options
-from reinitd.keys import LISTENER
+from reinitd.hub import End
+from reinitd.keys import DOORBELL, HUB, LISTENER, READINESS
 from reinitd.migration import migrate
 from reinitd.postgres import Cluster, ensure_cluster
 from reinitd.settings import Settings
-from tests.support import REINIT, Sql, Stream
+from tests.support import REINIT, Sql, Stream, parse_frame
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 ServerFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -79,7 +80,8 @@ def make_server(aiohttp_client: ClientFactory, database_url: str) -> ServerFacto
         options = server_options(settings)
         assert options.pop("handler_cancellation") is True
         await server.start_server(**options)
-        client = await aiohttp_client(server)
+        # No connection limit: tests hold hundreds of streams open at once.
+        client = await aiohttp_client(server, connector=aiohttp.TCPConnector(limit=0))
         await asyncio.wait_for(client.app[LISTENER].wait_connected(), 10)
         return client
 
@@ -115,3 +117,25 @@ async def open_stream(
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+async def settle(client: TestClient[web.Request, web.Application]) -> None:
+    """Every NOTIFY committed before this call has reached the listener (its own probe NOTIFY,
+    committed later, came back) and has been read and applied by the doorbell."""
+    app = client.app
+    assert await app[READINESS].probe() == []
+    await asyncio.wait_for(app[DOORBELL].idle(), 10)
+
+
+async def assert_no_more_events(
+    client: TestClient[web.Request, web.Application], stream: Stream, workspace_id: object
+) -> None:
+    """Nothing but pings is left for the stream once every NOTIFY so far has been applied:
+    its subscription is ended and everything it still wrote is read to the end."""
+    await settle(client)
+    for sub in client.app[HUB].snapshot():
+        if sub.workspace_id == workspace_id:
+            sub.end(End("test"))
+    rest = await stream.closed()
+    frames = [parse_frame(raw + b"\n\n") for raw in rest.split(b"\n\n") if raw]
+    assert [frame.event for frame in frames] == ["ping"] * len(frames), rest

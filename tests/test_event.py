@@ -1,8 +1,7 @@
-"""Payload parsing and frame encoding, without a database."""
+"""Doorbell payload parsing and frame encoding, without a database."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import uuid
 
@@ -10,24 +9,28 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reinitd.event import PayloadError, ReinitEvent, error_frame, parse_payload
+from reinitd.doorbell import workspace_of
+from reinitd.errors import PayloadError
+from reinitd.event import ReinitEvent, error_frame
 from tests.support import parse_frame
 
 WS = uuid.UUID("7d3e5c1c-1111-4a4a-8b8b-000000000001")
 OWNER = uuid.UUID("7d3e5c1c-1111-4a4a-8b8b-000000000002")
 
 
-def test_json_payload_parses() -> None:
-    """The payload claim_prebuild sends parses to the event."""
-    event = parse_payload(
-        f'{{"workspace_id":"{WS}","reason":"prebuild_claimed","owner_id":"{OWNER}"}}'
-    )
-    assert event == ReinitEvent(WS, "prebuild_claimed", OWNER)
+def test_json_payload_names_its_workspace_and_nothing_else_counts() -> None:
+    """A JSON payload names a workspace; owner and reason are ignored (never trusted)."""
+    for payload in (
+        f'{{"workspace_id":"{WS}","reason":"prebuild_claimed","owner_id":"{OWNER}"}}',
+        f'{{"workspace_id":"{WS}","reason":"claim_failed"}}',
+        f'{{"workspace_id":"{WS}","reason":"party","owner_id":"not a uuid"}}',
+    ):
+        assert workspace_of(payload) == WS
 
 
-def test_bare_uuid_payload_is_a_kick_without_owner() -> None:
-    """A DBA's bare UUID (any case, padded) is a claim with owner unknown."""
-    assert parse_payload(f"  {str(WS).upper()} \n") == ReinitEvent(WS)
+def test_bare_uuid_payload_names_its_workspace() -> None:
+    """A DBA's bare UUID (any case, padded) names the workspace."""
+    assert workspace_of(f"  {str(WS).upper()} \n") == WS
 
 
 def test_frame_is_byte_exact() -> None:
@@ -36,7 +39,6 @@ def test_frame_is_byte_exact() -> None:
         b'event: data\ndata: {"workspace_id":"7d3e5c1c-1111-4a4a-8b8b-000000000001",'
         b'"reason":"prebuild_claimed","owner_id":"7d3e5c1c-1111-4a4a-8b8b-000000000002"}\n\n'
     )
-    assert ReinitEvent(WS).frame().endswith(b'"reason":"prebuild_claimed"}\n\n')
 
 
 def test_error_frame_keeps_multiline_detail_on_one_line() -> None:
@@ -49,28 +51,46 @@ def test_error_frame_keeps_multiline_detail_on_one_line() -> None:
     ("payload", "kind"),
     [
         ("x" * 2000, "too_long"),
+        (f'{{"workspace_id":"{WS}","pad":"{"x" * 1100}"}}', "too_long"),
         ("nope", "bad_uuid"),
+        ("", "bad_uuid"),
         ("{", "bad_json"),
         ("{}", "bad_uuid"),
-        ('{"workspace_id":"' + str(WS) + '","reason":"other"}', "unknown_reason"),
+        ('{"workspace_id": 42}', "bad_uuid"),
         ("[]", "bad_uuid"),
+        ('"' + str(WS) + '"', "bad_uuid"),
     ],
 )
 def test_invalid_payload_kinds(payload: str, kind: str) -> None:
     """Each kind of garbage is rejected with a stable label."""
     with pytest.raises(PayloadError) as info:
-        parse_payload(payload)
+        workspace_of(payload)
     assert info.value.kind == kind
 
 
-@given(st.text(max_size=300))
-def test_parser_never_raises_anything_else(payload: str) -> None:
-    """Any text either parses or raises PayloadError: the listener cannot be broken."""
+def _names(payload: str) -> uuid.UUID | None:
     try:
-        event = parse_payload(payload)
+        return workspace_of(payload)
     except PayloadError:
-        return
-    assert isinstance(event.workspace_id, uuid.UUID)
+        return None
+
+
+@given(st.text(max_size=300))
+def test_parser_is_total_on_text(payload: str) -> None:
+    """Any text names a workspace exactly when it is a UUID or a JSON object holding one, and
+    fails with PayloadError otherwise: nothing else can escape into the listener."""
+    text = payload.strip()
+    try:
+        expected: uuid.UUID | None = uuid.UUID(text) if not text.startswith("{") else None
+    except ValueError:
+        expected = None
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+            expected = uuid.UUID(data["workspace_id"]) if isinstance(data, dict) else None
+        except (ValueError, KeyError, TypeError, AttributeError):
+            expected = None
+    assert _names(payload) == expected
 
 
 @given(
@@ -86,6 +106,7 @@ def test_parser_never_raises_anything_else(payload: str) -> None:
     )
 )
 def test_parser_handles_any_json_object(data: dict[str, object]) -> None:
-    """JSON objects of any shape parse or raise PayloadError."""
-    with contextlib.suppress(PayloadError):
-        parse_payload(json.dumps(data))
+    """A JSON object names WS exactly when its workspace_id is WS's text; otherwise
+    PayloadError with a stable kind."""
+    expected = WS if data.get("workspace_id") == str(WS) else None
+    assert _names(json.dumps(data)) == expected

@@ -5,9 +5,16 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from reinitd.claim import CLAIM_FAILED_MESSAGE, NOT_WAITING_MESSAGE, Deliver, Refuse, judge
+from reinitd.claim import (
+    CLAIM_FAILED_MESSAGE,
+    NOT_WAITING_MESSAGE,
+    WAIT,
+    Deliver,
+    Refuse,
+    judge,
+)
 from reinitd.event import PREBUILDS_USER_ID, ReinitEvent
-from reinitd.hub import PING, End, Hub
+from reinitd.hub import PING, Delivery, End, Hub
 
 WS = uuid.uuid4()
 OWNER = uuid.uuid4()
@@ -26,21 +33,19 @@ def row(**fields: object) -> dict[str, object]:
 
 
 def test_judge_rules() -> None:
-    """SPEC §2's wait=true table, rule by rule."""
-    assert judge(row(owner_id=PREBUILDS_USER_ID), "seeded") == judge(
-        row(latest_status="running"), "seeded"
-    )
-    assert judge(row(first_initiator_id=OWNER), "seeded") == Refuse(
+    """The wait=true table, rule by rule, each against the verdict it must give."""
+    assert judge(row(owner_id=PREBUILDS_USER_ID, latest_stage="prebuild")) == WAIT
+    assert judge(row(latest_status="running")) == WAIT
+    assert judge(row(first_initiator_id=OWNER)) == Refuse(
         NOT_WAITING_MESSAGE, "The workspace was not created as a prebuild."
     )
-    past = judge(row(latest_stage="regular"), "seeded")
-    assert isinstance(past, Refuse)
-    assert past.message == NOT_WAITING_MESSAGE
-    assert judge(row(latest_status="failed", latest_error="e"), "seeded") == Refuse(
-        CLAIM_FAILED_MESSAGE, "e"
+    assert judge(row(latest_stage="regular")) == Refuse(
+        NOT_WAITING_MESSAGE,
+        "The workspace was claimed in the past; its latest build is a 'regular' build.",
     )
-    assert judge(row(), "seeded") == Deliver(ReinitEvent(WS, owner_id=OWNER))
-    assert isinstance(judge(None, "seeded"), Refuse)
+    assert judge(row(latest_status="failed", latest_error="e")) == Refuse(CLAIM_FAILED_MESSAGE, "e")
+    assert judge(row()) == Deliver(ReinitEvent(WS, owner_id=OWNER))
+    assert judge(None) == Refuse(NOT_WAITING_MESSAGE, "The workspace no longer exists.")
 
 
 async def test_subscription_removed_on_every_exit() -> None:
@@ -57,16 +62,18 @@ async def test_subscription_removed_on_every_exit() -> None:
     assert hub.waiting_workspaces() == []
 
 
-async def test_publish_dedupes_and_reaches_only_that_workspace() -> None:
-    """Duplicate claims collapse; other workspaces hear nothing."""
+CLAIM = Deliver(ReinitEvent(WS, owner_id=OWNER))
+
+
+async def test_settle_dedupes_and_reaches_only_that_workspace() -> None:
+    """The same claim settled many times is queued once; other workspaces hear nothing."""
     hub = Hub()
     other = uuid.uuid4()
-    with hub.subscribe(WS, wait=False) as mine, hub.subscribe(other, wait=False) as theirs:
-        event = ReinitEvent(WS, owner_id=OWNER)
-        assert hub.publish(event) == 1
+    with hub.subscribe(WS, wait=True) as mine, hub.subscribe(other, wait=True) as theirs:
+        assert hub.settle(WS, CLAIM, "notify", 1.0) == 1
         for _ in range(1000):
-            assert hub.publish(event) == 0  # a flood of duplicates does not grow anything
-        assert await mine.next() == event
+            assert hub.settle(WS, CLAIM, "notify") == 0  # duplicates grow nothing
+        assert await mine.next() == Delivery(CLAIM.event, "notify", 1.0)
         assert set(hub.snapshot()) == {mine, theirs}
         for sub in hub.snapshot():
             sub.ping()
@@ -75,27 +82,41 @@ async def test_publish_dedupes_and_reaches_only_that_workspace() -> None:
 
 
 async def test_overflow_ends_the_stream() -> None:
-    """More distinct pending events than the bound: the stream ends, defined and counted."""
+    """More distinct pending claims than the bound: the stream ends, defined and counted."""
     hub = Hub(queue_limit=2)
     with hub.subscribe(WS, wait=True) as sub:
-        for _ in range(3):
-            hub.publish(ReinitEvent(WS, owner_id=uuid.uuid4()))
-        assert isinstance(await sub.next(), ReinitEvent)
-        assert isinstance(await sub.next(), ReinitEvent)
+        claims = [Deliver(ReinitEvent(WS, owner_id=uuid.uuid4())) for _ in range(3)]
+        assert [hub.settle(WS, claim, "notify") for claim in claims] == [1, 1, 0]
+        assert await sub.next() == Delivery(claims[0].event, "notify")
+        assert await sub.next() == Delivery(claims[1].event, "notify")
         assert await sub.next() == End("overflow")
 
 
-async def test_settle_never_preseeds_legacy_streams() -> None:
-    """A resync's verdict reaches wait=true streams only."""
+async def test_streams_without_wait_hear_claims_only_from_a_doorbell() -> None:
+    """A resync's claim reaches wait=true streams only (older agents are never pre-seeded);
+    a doorbell's claim reaches both; a refusal ends only wait=true streams."""
     hub = Hub()
     with hub.subscribe(WS, wait=True) as waiting, hub.subscribe(WS, wait=False) as legacy:
-        event = ReinitEvent(WS, owner_id=OWNER)
-        assert hub.settle(WS, Deliver(event)) == 1
-        assert await waiting.next() == event
-        hub.settle(WS, Refuse("m", "d"))
-        assert await waiting.next() == End("refused", Refuse("m", "d"))
+        assert hub.settle(WS, CLAIM, "resync") == 1
+        assert await waiting.next() == Delivery(CLAIM.event, "resync")
+        assert hub.settle(WS, CLAIM, "notify") == 1  # only legacy had not seen it
+        assert await legacy.next() == Delivery(CLAIM.event, "notify")
+        hub.settle(WS, Refuse("m", "d"), "notify")
         legacy.ping()
         assert await legacy.next() is PING
+
+
+async def test_refusal_ends_a_waiting_stream_without_a_claim() -> None:
+    """A refusal ends a wait=true stream that has no claim yet, but not one that has its claim
+    (a later build is no news to an agent that was told)."""
+    hub = Hub()
+    with hub.subscribe(WS, wait=True) as told, hub.subscribe(WS, wait=True) as untold:
+        told.offer(Delivery(CLAIM.event, "seeded"))
+        assert hub.settle(WS, Refuse("m", "d"), "resync") == 1
+        assert await untold.next() == End("refused", Refuse("m", "d"))
+        assert await told.next() == Delivery(CLAIM.event, "seeded")
+        told.ping()
+        assert await told.next() is PING
 
 
 async def test_next_waits_until_woken() -> None:

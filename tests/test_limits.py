@@ -17,7 +17,8 @@ from aiohttp.test_utils import TestClient, make_mocked_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reinitd.handler import OPENAPI, ApiError, parse_bool, parse_timeout, token_hash
+from reinitd.errors import ApiError
+from reinitd.handler import OPENAPI, parse_bool, parse_timeout, token_hash
 from reinitd.postgres import Cluster
 from tests.conftest import ServerFactory, open_stream
 from tests.support import REINIT, Agent, Sql, Stream, sample

@@ -11,31 +11,20 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from reinitd import metrics
-from reinitd.keys import LIFECYCLE
+from reinitd.keys import ADMISSION
 from reinitd.postgres import Cluster
-from tests.conftest import ServerFactory, open_stream
+from tests.conftest import ServerFactory, assert_no_more_events, open_stream
 from tests.support import REINIT, Agent, Sql, Stream
 
 Client = TestClient[web.Request, web.Application]
 
 
-def claimed(agent: Agent, owner: uuid.UUID | None) -> dict[str, str]:
-    event = {"workspace_id": str(agent.workspace_id), "reason": "prebuild_claimed"}
-    if owner is not None:
-        event["owner_id"] = str(owner)
-    return event
-
-
-async def kick(sql: Sql, agent: Agent) -> None:
-    """A DBA's bare-UUID NOTIFY: used as a sentinel, it is the next frame if nothing else is."""
-    await sql.notify(str(agent.workspace_id))
-
-
-async def assert_next_is_kick(stream: Stream, sql: Sql, agent: Agent) -> None:
-    """Proves nothing else is queued on the stream, without sleeping."""
-    await kick(sql, agent)
-    frame = await stream.event()
-    assert frame.data == claimed(agent, None)
+def claimed(agent: Agent, owner: uuid.UUID) -> dict[str, str]:
+    return {
+        "workspace_id": str(agent.workspace_id),
+        "reason": "prebuild_claimed",
+        "owner_id": str(owner),
+    }
 
 
 async def test_unclaimed_prebuild_receives_claim_via_notify(client: Client, sql: Sql) -> None:
@@ -56,7 +45,7 @@ async def test_claimed_prebuild_gets_one_shot_event_on_reconnect(client: Client,
     await sql.claim(agent.workspace_id, owner)
     stream = await open_stream(client, agent.token)
     assert (await stream.event()).data == claimed(agent, owner)
-    await assert_next_is_kick(stream, sql, agent)
+    await assert_no_more_events(client, stream, agent.workspace_id)
 
 
 async def expect_409(client: Client, token: str, message: str) -> dict[str, str]:
@@ -123,10 +112,12 @@ async def test_running_claim_that_fails_ends_stream_with_error_frame(
 
 
 async def test_legacy_request_never_gets_409(client: Client, sql: Sql) -> None:
-    """Without wait, even a regular workspace just waits (older agents)."""
+    """Without wait, even a regular workspace just waits (older agents), and a NOTIFY naming
+    it delivers nothing: the database says it has no claim."""
     agent = await sql.workspace(await sql.user())
     stream = await open_stream(client, agent.token, wait=False)
-    await assert_next_is_kick(stream, sql, agent)
+    await sql.notify(str(agent.workspace_id))
+    await assert_no_more_events(client, stream, agent.workspace_id)
 
 
 async def test_legacy_request_is_not_preseeded(client: Client, sql: Sql) -> None:
@@ -134,7 +125,7 @@ async def test_legacy_request_is_not_preseeded(client: Client, sql: Sql) -> None
     agent = await sql.prebuild()
     await sql.claim(agent.workspace_id, await sql.user())
     stream = await open_stream(client, agent.token, wait=False)
-    await assert_next_is_kick(stream, sql, agent)
+    await assert_no_more_events(client, stream, agent.workspace_id)
 
 
 async def test_legacy_request_ignores_claim_failed(client: Client, sql: Sql) -> None:
@@ -143,7 +134,7 @@ async def test_legacy_request_ignores_claim_failed(client: Client, sql: Sql) -> 
     build = await sql.claim(agent.workspace_id, await sql.user(), complete=False)
     stream = await open_stream(client, agent.token, wait=False)
     await sql.complete(build, "boom")
-    await assert_next_is_kick(stream, sql, agent)
+    await assert_no_more_events(client, stream, agent.workspace_id)
 
 
 # --- the ordering: register, then read --------------------------------------------------
@@ -158,13 +149,11 @@ async def test_claim_between_registration_and_read_delivered_once(client: Client
         assert workspace_id == agent.workspace_id
         await sql.claim(workspace_id, owner)
 
-    client.app[LIFECYCLE].before_durable_check = commit_claim
+    client.app[ADMISSION].before_read = commit_claim
     stream = await open_stream(client, agent.token)
     assert (await stream.event()).data == claimed(agent, owner)
-    # Both the read and the NOTIFY saw it. NOTIFYs arrive in commit order, so the kick
-    # committed now comes after the claim's: if the claim were delivered twice, it would
-    # stand between them.
-    await assert_next_is_kick(stream, sql, agent)
+    # Both the read and the doorbell saw it; the stream delivers it once.
+    await assert_no_more_events(client, stream, agent.workspace_id)
 
 
 async def test_claim_just_before_request_delivered_once(client: Client, sql: Sql) -> None:
@@ -174,7 +163,7 @@ async def test_claim_just_before_request_delivered_once(client: Client, sql: Sql
     await sql.claim(agent.workspace_id, owner)
     stream = await open_stream(client, agent.token)
     assert (await stream.event()).data == claimed(agent, owner)
-    await assert_next_is_kick(stream, sql, agent)
+    await assert_no_more_events(client, stream, agent.workspace_id)
 
 
 async def test_claim_just_after_read_delivered_once(client: Client, sql: Sql) -> None:
@@ -184,7 +173,7 @@ async def test_claim_just_after_read_delivered_once(client: Client, sql: Sql) ->
     stream = await open_stream(client, agent.token)  # headers arrive after the read
     await sql.claim(agent.workspace_id, owner)
     assert (await stream.event()).data == claimed(agent, owner)
-    await assert_next_is_kick(stream, sql, agent)
+    await assert_no_more_events(client, stream, agent.workspace_id)
 
 
 # --- auth ------------------------------------------------------------------------------------
@@ -261,10 +250,20 @@ async def test_wait_parsed_like_go_parsebool(
     assert response.status == (409 if expect_409 else 204)
 
 
-async def test_json_long_poll_returns_event(client: Client, sql: Sql) -> None:
-    """With Accept: application/json, the event comes back as a plain JSON body."""
+@pytest.mark.parametrize("found_by", ["read", "doorbell"])
+async def test_json_long_poll_returns_event(client: Client, sql: Sql, found_by: str) -> None:
+    """With Accept: application/json, the event comes back as a plain JSON body, whether the
+    durable check finds the claim or the doorbell brings it after the check."""
     agent = await sql.prebuild()
     owner = await sql.user()
+    checked = asyncio.Event()
+
+    async def around_read(_workspace_id: uuid.UUID) -> None:
+        if found_by == "read":
+            await sql.claim(agent.workspace_id, owner)
+        checked.set()
+
+    client.app[ADMISSION].before_read = around_read
     request = asyncio.create_task(
         client.get(
             REINIT,
@@ -272,8 +271,9 @@ async def test_json_long_poll_returns_event(client: Client, sql: Sql) -> None:
             headers={"Coder-Session-Token": agent.token, "Accept": "application/json"},
         )
     )
-    await asyncio.sleep(0)  # let the request start; the claim may land either side of it
-    await sql.claim(agent.workspace_id, owner)
+    await asyncio.wait_for(checked.wait(), 5)
+    if found_by == "doorbell":
+        await sql.claim(agent.workspace_id, owner)
     response = await asyncio.wait_for(request, 10)
     assert response.status == 200
     assert await response.text() == (
@@ -320,7 +320,7 @@ async def test_rolled_back_claim_is_not_announced(
     await tx.start()
     await sql.claim(agent.workspace_id, owner)
     await tx.rollback()
-    await assert_next_is_kick(stream, sql, agent)
+    await assert_no_more_events(client, stream, agent.workspace_id)
 
 
 async def test_agents_only_hear_their_own_workspace(client: Client, sql: Sql) -> None:
@@ -331,7 +331,7 @@ async def test_agents_only_hear_their_own_workspace(client: Client, sql: Sql) ->
     owner = await sql.user()
     await sql.claim(a.workspace_id, owner)
     assert (await stream_a.event()).data == claimed(a, owner)
-    await assert_next_is_kick(stream_b, sql, b)
+    await assert_no_more_events(client, stream_b, b.workspace_id)
 
 
 @pytest.mark.parametrize(
@@ -343,8 +343,8 @@ async def test_agents_only_hear_their_own_workspace(client: Client, sql: Sql) ->
         '{"workspace_id": "nope", "reason": "prebuild_claimed"}',
         '{"workspace_id": 42}',
         '{"reason": "prebuild_claimed"}',
-        '{"workspace_id": "7d3e5c1c-1111-4a4a-8b8b-000000000000", "reason": "party"}',
-        '{"workspace_id": "7d3e5c1c-1111-4a4a-8b8b-000000000000", "owner_id": "x"}',
+        '{"workspace_id": "7d3e5c1c-1111-4a4a-8b8b-00000000000"}',
+        "7d3e5c1c-1111-4a4a-8b8b-00000000000g",
         "x" * 5000,
         "",
     ],
@@ -374,17 +374,20 @@ async def test_malformed_payload_is_counted_and_ignored(
     assert after == before + 1
 
 
-async def test_dba_notify_from_psql_reaches_agent(
+async def test_dba_notify_from_psql_reannounces_a_real_claim(
     client: Client, sql: Sql, postgres: Cluster
 ) -> None:
-    """`NOTIFY prebuild_claimed, '<uuid>'` typed in the real psql kicks the agent."""
+    """`NOTIFY prebuild_claimed, '<uuid>'` typed in the real psql re-announces a real claim,
+    with its owner from the database, to a stream that connected without wait."""
     agent = await sql.prebuild()
+    owner = await sql.user()
+    await sql.claim(agent.workspace_id, owner)
     stream = await open_stream(client, agent.token, wait=False)
     await asyncio.to_thread(
         postgres.psql, f"NOTIFY prebuild_claimed, '{agent.workspace_id}';", "reinitd"
     )
-    frame = await stream.event()
-    assert frame.data == claimed(agent, None)
+    assert (await stream.event()).data == claimed(agent, owner)
+    await assert_no_more_events(client, stream, agent.workspace_id)
 
 
 async def test_pings_are_exact_frames(make_server: ServerFactory, sql: Sql) -> None:
@@ -403,4 +406,4 @@ async def test_stream_stays_open_after_event(client: Client, sql: Sql) -> None:
     owner = await sql.user()
     await sql.claim(agent.workspace_id, owner)
     await stream.event()
-    await assert_next_is_kick(stream, sql, agent)
+    await assert_no_more_events(client, stream, agent.workspace_id)

@@ -41,7 +41,7 @@ async def reinit(request: web.Request) -> web.StreamResponse:
                 queue.put_nowait(str(payload))
 
         await conn.add_listener(CHANNEL, on_notify)
-        verdict = (await read_verdicts(conn, [workspace_id], "seeded"))[workspace_id]
+        verdict = (await read_verdicts(conn, [workspace_id]))[workspace_id]
         if isinstance(verdict, Refuse):
             return web.json_response({"message": verdict.message, "detail": ""}, status=409)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

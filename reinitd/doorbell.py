@@ -1,0 +1,195 @@
+"""Doorbells: a NOTIFY only names a workspace; one batched read says what to deliver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Final
+
+import asyncpg
+import structlog
+
+from reinitd import metrics
+from reinitd.claim import Deliver, Refuse, Verdict, read_verdicts
+from reinitd.errors import PayloadError
+from reinitd.hub import Hub
+from reinitd.limit import LogThrottle
+from reinitd.listener import CONNECTION_ERRORS, backoff_delay
+
+log = structlog.get_logger("reinitd.doorbell")
+
+# A payload names a workspace in ~100 bytes; anything much longer is not ours.
+MAX_PAYLOAD_BYTES: Final = 1024
+# Workspaces per batched read.
+READ_CHUNK: Final = 5000
+
+_OUTCOMES = {outcome: metrics.DOORBELLS.labels(outcome) for outcome in metrics.DOORBELL_OUTCOMES}
+
+
+def _uuid(text: object) -> uuid.UUID:
+    if not isinstance(text, str):
+        raise PayloadError("bad_uuid", "workspace_id must be a UUID string")
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise PayloadError("bad_uuid", f"not a UUID: {text[:64]!r}") from None
+
+
+def workspace_of(payload: str) -> uuid.UUID:
+    """The workspace a payload names: a JSON object's `workspace_id`, or a bare UUID (a DBA's
+    `NOTIFY prebuild_claimed, '<uuid>'`). Every other field is ignored: none is trusted."""
+    if len(payload) > MAX_PAYLOAD_BYTES:  # characters: a cheap bound before any parsing
+        raise PayloadError("too_long", f"payload of {len(payload)} characters")
+    text = payload.strip()
+    if not text.startswith("{"):
+        return _uuid(text)
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise PayloadError("bad_json", f"payload is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PayloadError("bad_json", "payload is not a JSON object")
+    return _uuid(data.get("workspace_id"))
+
+
+class Doorbell:
+    """What the database says about rung workspaces reaches their streams, and nothing else.
+
+    Three triggers, one path: a NOTIFY (`on_payload`), the resync after every listener
+    (re)connect (`ring_all`) and the safety-net timer. Doorbells that arrive together are
+    read together, in one query per READ_CHUNK workspaces; a failed read keeps its doorbells
+    and is retried with backoff. `settle` in the hub applies each verdict.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, hub: Hub, *, resync_interval: float = 30.0) -> None:
+        self._pool = pool
+        self._hub = hub
+        self.resync_interval = resync_interval
+        # Rung workspaces and when the first NOTIFY for each arrived (for the latency metric).
+        self._rung: dict[uuid.UUID, float] = {}
+        self._everyone = False
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._invalid_log = LogThrottle()
+        self._unconfirmed_log = LogThrottle()
+
+    def on_payload(self, payload: str, received_at: float) -> None:
+        """The router's handler for the claim channel: synchronous, never awaits."""
+        metrics.PAYLOADS_RECEIVED.inc()
+        try:
+            workspace_id = workspace_of(payload)
+        except PayloadError as exc:
+            metrics.PAYLOADS_INVALID.labels(exc.kind).inc()
+            suppressed = self._invalid_log.allow(exc.kind)
+            if suppressed is not None:
+                log.warning(
+                    "claim_payload_invalid",
+                    kind=exc.kind,
+                    error=str(exc),
+                    payload_bytes=len(payload.encode()),
+                    suppressed=suppressed,
+                )
+            return
+        self.ring(workspace_id, received_at)
+
+    def ring(self, workspace_id: uuid.UUID, received_at: float = 0.0) -> None:
+        """Look at `workspace_id` soon, for every stream waiting on it here."""
+        if workspace_id not in self._hub:
+            _OUTCOMES["no_waiters"].inc()  # nobody here to tell: nothing to read
+            return
+        self._rung.setdefault(workspace_id, received_at)
+        self._wake_up()
+
+    def ring_all(self) -> None:
+        """Re-read every workspace a `wait=true` stream waits on (NOTIFYs may have been lost)."""
+        self._everyone = True
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        self._idle.clear()
+        self._wake.set()
+
+    async def idle(self) -> None:
+        """Until every doorbell rung so far has been read and applied."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            if not self._wake.is_set():
+                self._idle.set()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.resync_interval)
+            except TimeoutError:
+                self._everyone = True  # the safety net
+            self._wake.clear()
+            rung, everyone = self._rung, self._everyone
+            self._rung, self._everyone = {}, False
+            try:
+                await self._read(rung, everyone=everyone)
+                failures = 0
+            except Exception as exc:  # an outage, or a bug: keep the doorbells, retry
+                failures += 1
+                metrics.READS.labels("failed").inc()
+                delay = backoff_delay(failures, 0.2, 5.0)
+                if not isinstance(exc, CONNECTION_ERRORS):
+                    log.exception("read_error")
+                log.warning(
+                    "read_failed",
+                    error=str(exc) or type(exc).__name__,
+                    attempt=failures,
+                    retry_in_s=round(delay, 3),
+                )
+                for workspace_id, at in rung.items():
+                    self._rung.setdefault(workspace_id, at)
+                self._everyone |= everyone
+                await asyncio.sleep(delay)
+                self._wake.set()
+
+    async def _read(self, rung: dict[uuid.UUID, float], *, everyone: bool) -> None:
+        ids = list(rung)
+        if everyone:
+            ids += [ws for ws in self._hub.waiting_workspaces() if ws not in rung]
+        ids = [ws for ws in ids if ws in self._hub]  # streams may have left meanwhile
+        if not ids:
+            return
+        started = time.monotonic()
+        settled = 0
+        for i in range(0, len(ids), READ_CHUNK):
+            chunk = ids[i : i + READ_CHUNK]
+            verdicts = await read_verdicts(self._pool, chunk)
+            for workspace_id, verdict in verdicts.items():
+                received_at = rung.get(workspace_id)
+                if received_at is None:  # found by the resync, not by a NOTIFY
+                    settled += self._hub.settle(workspace_id, verdict, "resync")
+                else:
+                    settled += self._hub.settle(workspace_id, verdict, "notify", received_at)
+                    self._count(workspace_id, verdict)
+        elapsed = time.monotonic() - started
+        metrics.READS.labels("ok").inc()
+        metrics.READ_SECONDS.observe(elapsed)
+        if everyone:
+            (log.info if settled else log.debug)(
+                "resync_done",
+                workspaces=len(ids),
+                settled=settled,
+                duration_s=round(elapsed, 4),
+            )
+
+    def _count(self, workspace_id: uuid.UUID, verdict: Verdict) -> None:
+        if isinstance(verdict, Deliver):
+            _OUTCOMES["claimed"].inc()
+            return
+        if isinstance(verdict, Refuse):
+            _OUTCOMES["refused"].inc()
+            return
+        _OUTCOMES["unconfirmed"].inc()
+        suppressed = self._unconfirmed_log.allow("unconfirmed")
+        if suppressed is not None:
+            # Nothing in the database backs this doorbell: a forgery, or a stray NOTIFY.
+            log.warning(
+                "doorbell_unconfirmed", workspace_id=str(workspace_id), suppressed=suppressed
+            )
