@@ -12,9 +12,9 @@ from pathlib import Path
 
 import structlog
 
+from reinitd.backoff import backoff_delay
 from reinitd.client import ReinitError, reinit_events
 from reinitd.event import ReinitEvent
-from reinitd.listener import backoff_delay
 
 log = structlog.get_logger("reinitd.agent")
 

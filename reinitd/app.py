@@ -29,9 +29,9 @@ from reinitd.keys import (
     Lifecycle,
 )
 from reinitd.limit import Refusals
-from reinitd.listener import Listener
+from reinitd.listener import Listener, Notifier
 from reinitd.middleware import on_prepare, request_context
-from reinitd.readiness import PROBE_CHANNEL, Echoes, Readiness
+from reinitd.readiness import Readiness
 from reinitd.router import Router
 from reinitd.settings import Settings
 
@@ -89,17 +89,18 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
     """The listener, the router behind it, the doorbell's batched reads and the pings."""
     settings, hub = app[SETTINGS], app[HUB]
     doorbell = Doorbell(app[POOL], hub, resync_interval=settings.resync_interval)
-    echoes = Echoes()
-    router = Router({CHANNEL: doorbell.on_payload, PROBE_CHANNEL: echoes.on_payload})
+    router = Router({CHANNEL: doorbell.on_payload})
+    notifier = Notifier(settings.database_url, timeout=settings.probe_timeout)
     listener = Listener(
         settings.listen_dsn,
         router,
         # After every (re)connect, once LISTEN is active: NOTIFYs may have been lost.
         doorbell.ring_all,
+        notifier.notify,
         probe_interval=settings.probe_interval,
         probe_timeout=settings.probe_timeout,
     )
-    readiness = Readiness(app[POOL], listener, echoes)
+    readiness = Readiness(listener)
     app[ADMISSION] = Admission(
         app[POOL],
         hub,
@@ -107,8 +108,11 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
         max_streams_per_agent=settings.max_streams_per_agent,
     )
     app[DOORBELL], app[LISTENER], app[READINESS] = doorbell, listener, readiness
-    async with _tasks(listener.run(), doorbell.run(), _pinger(hub, settings.ping_interval)):
-        yield
+    try:
+        async with _tasks(listener.run(), doorbell.run(), _pinger(hub, settings.ping_interval)):
+            yield
+    finally:
+        await notifier.close()
 
 
 async def _on_shutdown(app: web.Application) -> None:

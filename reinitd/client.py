@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 
+from reinitd.backoff import backoff_delay
 from reinitd.event import REASONS, REINIT_PATH, TOKEN_HEADER, ReinitEvent
-from reinitd.listener import backoff_delay
 
 log = structlog.get_logger("reinitd.client")
 

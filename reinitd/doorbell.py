@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -12,18 +13,20 @@ import asyncpg
 import structlog
 
 from reinitd import metrics
+from reinitd.backoff import backoff_delay
 from reinitd.claim import Deliver, Refuse, Verdict, read_verdicts
 from reinitd.errors import PayloadError
 from reinitd.hub import Hub
 from reinitd.limit import LogThrottle
-from reinitd.listener import CONNECTION_ERRORS, backoff_delay
+from reinitd.listener import CONNECTION_ERRORS
 
 log = structlog.get_logger("reinitd.doorbell")
 
 # A payload names a workspace in ~100 bytes; anything much longer is not ours.
 MAX_PAYLOAD_BYTES: Final = 1024
-# Workspaces per batched read.
+# Workspaces per batched read: doorbells, and a resync's steps between them.
 READ_CHUNK: Final = 5000
+RESYNC_CHUNK: Final = 1000
 
 _OUTCOMES = {outcome: metrics.DOORBELLS.labels(outcome) for outcome in metrics.DOORBELL_OUTCOMES}
 
@@ -58,9 +61,11 @@ class Doorbell:
     """What the database says about rung workspaces reaches their streams, and nothing else.
 
     Three triggers, one path: a NOTIFY (`on_payload`), the resync after every listener
-    (re)connect (`ring_all`) and the safety-net timer. Doorbells that arrive together are
-    read together, in one query per READ_CHUNK workspaces; a failed read keeps its doorbells
-    and is retried with backoff. `settle` in the hub applies each verdict.
+    (re)connect (`ring_all`) and the safety-net timer. Doorbells that arrive together are read
+    together, in one query per READ_CHUNK workspaces; a resync walks every waiting workspace in
+    RESYNC_CHUNK steps, with the doorbells rung meanwhile read first, so that a claim never
+    waits behind a long resync. A failed read keeps its work and is retried with backoff.
+    The hub's `settle` applies each verdict.
     """
 
     def __init__(self, pool: asyncpg.Pool, hub: Hub, *, resync_interval: float = 30.0) -> None:
@@ -69,7 +74,11 @@ class Doorbell:
         self.resync_interval = resync_interval
         # Rung workspaces and when the first NOTIFY for each arrived (for the latency metric).
         self._rung: dict[uuid.UUID, float] = {}
-        self._everyone = False
+        self._resync_asked = False
+        self._resync: list[uuid.UUID] = []  # what the resync under way still has to read
+        self._resync_started = 0.0
+        self._resync_size = 0
+        self._resync_settled = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -78,7 +87,7 @@ class Doorbell:
 
     def on_payload(self, payload: str, received_at: float) -> None:
         """The router's handler for the claim channel: synchronous, never awaits."""
-        metrics.PAYLOADS_RECEIVED.inc()
+        metrics.PAYLOADS_RECEIVED.value += 1
         try:
             workspace_id = workspace_of(payload)
         except PayloadError as exc:
@@ -105,7 +114,7 @@ class Doorbell:
 
     def ring_all(self) -> None:
         """Re-read every workspace a `wait=true` stream waits on (NOTIFYs may have been lost)."""
-        self._everyone = True
+        self._resync_asked = True
         self._wake_up()
 
     def _wake_up(self) -> None:
@@ -113,25 +122,32 @@ class Doorbell:
         self._wake.set()
 
     async def idle(self) -> None:
-        """Until every doorbell rung so far has been read and applied."""
+        """Until every doorbell rung so far, and any resync asked for, is read and applied."""
         await self._idle.wait()
 
     async def run(self) -> None:
         failures = 0
+        next_resync = time.monotonic() + self.resync_interval
         while True:
-            if not self._wake.is_set():
+            if not (self._rung or self._resync or self._resync_asked):
                 self._idle.set()
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(
+                        self._wake.wait(), max(0.0, next_resync - time.monotonic())
+                    )
+                except TimeoutError:
+                    self._resync_asked = True  # the safety net
+            if self._resync_asked:
+                self._resync_asked = False
+                self._resync = self._hub.waiting_workspaces()
+                self._resync_size, self._resync_settled = len(self._resync), 0
+                self._resync_started = time.monotonic()
+                next_resync = self._resync_started + self.resync_interval
             try:
-                await asyncio.wait_for(self._wake.wait(), self.resync_interval)
-            except TimeoutError:
-                self._everyone = True  # the safety net
-            self._wake.clear()
-            rung, everyone = self._rung, self._everyone
-            self._rung, self._everyone = {}, False
-            try:
-                await self._read(rung, everyone=everyone)
+                await self._step()
                 failures = 0
-            except Exception as exc:  # an outage, or a bug: keep the doorbells, retry
+            except Exception as exc:  # an outage, or a bug: the work is kept, retried
                 failures += 1
                 metrics.READS.labels("failed").inc()
                 delay = backoff_delay(failures, 0.2, 5.0)
@@ -143,41 +159,54 @@ class Doorbell:
                     attempt=failures,
                     retry_in_s=round(delay, 3),
                 )
-                for workspace_id, at in rung.items():
-                    self._rung.setdefault(workspace_id, at)
-                self._everyone |= everyone
                 await asyncio.sleep(delay)
-                self._wake.set()
 
-    async def _read(self, rung: dict[uuid.UUID, float], *, everyone: bool) -> None:
-        ids = list(rung)
-        if everyone:
-            ids += [ws for ws in self._hub.waiting_workspaces() if ws not in rung]
-        ids = [ws for ws in ids if ws in self._hub]  # streams may have left meanwhile
+    async def _step(self) -> None:
+        """One batched read: the doorbells rung so far, else the resync's next chunk. The work
+        is taken out first, so that a doorbell rung during the read is read again after it
+        (the read's snapshot may predate its commit), and put back if the read fails."""
+        if self._rung:
+            rung = dict(itertools.islice(self._rung.items(), READ_CHUNK))
+            for workspace_id in rung:
+                del self._rung[workspace_id]
+            try:
+                await self._read(list(rung), rung)
+            except BaseException:
+                for workspace_id, received_at in rung.items():
+                    self._rung.setdefault(workspace_id, received_at)
+                raise
+        elif self._resync:
+            chunk = self._resync[-RESYNC_CHUNK:]
+            del self._resync[-len(chunk) :]
+            try:
+                await self._read(chunk, {})
+            except BaseException:
+                self._resync.extend(chunk)
+                raise
+            if not self._resync:
+                # Anything a resync settles is a claim whose NOTIFY was lost: worth a line.
+                (log.info if self._resync_settled else log.debug)(
+                    "resync_done",
+                    workspaces=self._resync_size,
+                    settled=self._resync_settled,
+                    duration_s=round(time.monotonic() - self._resync_started, 4),
+                )
+
+    async def _read(self, workspace_ids: list[uuid.UUID], rung: dict[uuid.UUID, float]) -> None:
+        ids = [ws for ws in workspace_ids if ws in self._hub]  # streams may have left meanwhile
         if not ids:
             return
         started = time.monotonic()
-        settled = 0
-        for i in range(0, len(ids), READ_CHUNK):
-            chunk = ids[i : i + READ_CHUNK]
-            verdicts = await read_verdicts(self._pool, chunk)
-            for workspace_id, verdict in verdicts.items():
-                received_at = rung.get(workspace_id)
-                if received_at is None:  # found by the resync, not by a NOTIFY
-                    settled += self._hub.settle(workspace_id, verdict, "resync")
-                else:
-                    settled += self._hub.settle(workspace_id, verdict, "notify", received_at)
-                    self._count(workspace_id, verdict)
-        elapsed = time.monotonic() - started
+        verdicts = await read_verdicts(self._pool, ids)
         metrics.READS.labels("ok").inc()
-        metrics.READ_SECONDS.observe(elapsed)
-        if everyone:
-            (log.info if settled else log.debug)(
-                "resync_done",
-                workspaces=len(ids),
-                settled=settled,
-                duration_s=round(elapsed, 4),
-            )
+        metrics.READ_SECONDS.observe(time.monotonic() - started)
+        for workspace_id, verdict in verdicts.items():
+            received_at = rung.get(workspace_id)
+            if received_at is None:  # found by the resync, not by a NOTIFY
+                self._resync_settled += self._hub.settle(workspace_id, verdict, "resync")
+            else:
+                self._hub.settle(workspace_id, verdict, "notify", received_at)
+                self._count(workspace_id, verdict)
 
     def _count(self, workspace_id: uuid.UUID, verdict: Verdict) -> None:
         if isinstance(verdict, Deliver):

@@ -1,16 +1,19 @@
-"""The dedicated LISTEN connection: connect, listen, probe while idle, reconnect with backoff."""
+"""The dedicated LISTEN connection: connect, listen, prove it hears, reconnect with backoff."""
 
 from __future__ import annotations
 
 import asyncio
-import random
+import contextlib
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Final
 
 import asyncpg
 import structlog
 
 from reinitd import metrics
+from reinitd.backoff import backoff_delay
 from reinitd.query import QUERIES
 from reinitd.router import Router
 
@@ -21,21 +24,73 @@ CONNECTION_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.Inter
 
 # After this many failed attempts in a row, reconnect failures log as errors, not warnings.
 WARN_ATTEMPTS = 5
+# Our own NOTIFYs on this channel prove that the listener hears (readiness, deafness checks).
+ECHO_CHANNEL: Final = "reinitd_probe"
+# Echoes in a row that never come back before the listener is declared deaf and replaced.
+DEAF_ECHOES = 2
 
 
-def backoff_delay(attempt: int, floor: float, ceiling: float) -> float:
-    """Capped exponential backoff with jitter: attempt 1 waits about `floor`."""
-    delay: float = min(ceiling, floor * 2 ** (attempt - 1))
-    return delay * random.uniform(0.5, 1.0)  # noqa: S311 -- jitter, not cryptography
+class EchoFailed(Exception):  # noqa: N818 -- a condition with its reason, like TimeoutError
+    """An echo round trip failed; the message says where. `sent` is true when the NOTIFY went
+    out and only the echo is missing (the listener may be deaf)."""
+
+    def __init__(self, message: str, *, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class ListenConnection(asyncpg.Connection):
+    """The LISTEN connection's class: NOTIFYs reach their (synchronous, never-raising)
+    callback straight from the protocol, in order, instead of one `call_soon` handle each,
+    which was the largest cost of a NOTIFY flood (asyncpg calls this private hook for every
+    NotificationResponse; async callbacks are not used here)."""
+
+    def _process_notification(self, pid: int, channel: str, payload: str) -> None:
+        for callback in self._listeners.get(channel, ()):  # type: ignore[attr-defined]
+            callback.cb(self, pid, channel, payload)
+
+
+class Notifier:
+    """One dedicated connection that sends the echo NOTIFYs, so that a storm holding every
+    pooled connection cannot starve readiness or the listener's checks. Connects lazily and
+    starts afresh after any failure."""
+
+    def __init__(self, dsn: str, *, timeout: float = 2.0) -> None:
+        self._dsn = dsn
+        self.timeout = timeout
+        self._conn: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def notify(self, token: str) -> None:
+        async with self._lock, asyncio.timeout(self.timeout):
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await asyncpg.connect(
+                        self._dsn,
+                        timeout=self.timeout,
+                        statement_cache_size=0,
+                        server_settings={"application_name": "reinitd-probe"},
+                    )
+                await self._conn.execute(QUERIES["probe_notify"], token)
+            except BaseException:
+                await self.close()
+                raise
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
 
 
 class Listener:
-    """Holds one asyncpg connection LISTENing on `channels`; never a pooled connection, since
-    releasing one to a pool runs UNLISTEN *.
+    """Holds one asyncpg connection LISTENing on the router's channels; never a pooled
+    connection, since releasing one to a pool runs UNLISTEN *.
 
-    Each NOTIFY goes to the router, synchronously (its handlers only hand off);
-    `on_connect()` runs after every (re)connect once LISTEN is active, so a re-read it triggers
-    cannot miss a claim committed while the connection was down.
+    Each NOTIFY goes to the router, synchronously (its handlers only hand off). `on_connect()`
+    runs after every (re)connect once LISTEN is active, so a re-read it triggers cannot miss a
+    claim committed while the connection was down. While nothing arrives for `probe_interval`,
+    the connection is probed: a query proves it answers, and an echo (a NOTIFY sent through
+    `send_echo`, on another connection) proves it hears; either failing replaces it.
     """
 
     def __init__(
@@ -43,6 +98,7 @@ class Listener:
         dsn: str,
         router: Router,
         on_connect: Callable[[], None],
+        send_echo: Callable[[str], Awaitable[None]],
         *,
         probe_interval: float = 2.0,
         probe_timeout: float = 2.0,
@@ -52,23 +108,81 @@ class Listener:
         self._dsn = dsn
         self._router = router
         self._on_connect = on_connect
+        self._send_echo = send_echo
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
         self.backoff_floor = backoff_floor
         self.backoff_ceiling = backoff_ceiling
-        self.connected = False
-        self.connection: asyncpg.Connection | None = None
-        self._connected_event = asyncio.Event()
+        self._echoes: dict[str, asyncio.Future[None]] = {}
+        self._heard_at = 0.0
+        # The one record of the connection: set while it is up and listening, None otherwise.
+        self._conn: asyncpg.Connection | None = None
+        self._up = asyncio.Event()
+
+    @property
+    def connection(self) -> asyncpg.Connection | None:
+        return self._conn
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
 
     async def wait_connected(self) -> None:
-        await self._connected_event.wait()
+        await self._up.wait()
+
+    def _set_connection(self, conn: asyncpg.Connection | None) -> None:
+        self._conn = conn
+        metrics.LISTENER_CONNECTED.set(0 if conn is None else 1)
+        if conn is None:
+            self._up.clear()
+        else:
+            self._up.set()
 
     def _callback(self, _conn: object, _pid: int, channel: str, payload: object) -> None:
+        self._heard_at = now = time.monotonic()
         try:
-            self._router(channel, str(payload), time.monotonic())
+            if channel == ECHO_CHANNEL:
+                future = self._echoes.pop(str(payload), None)  # other replicas' are ignored
+                if future is not None and not future.done():
+                    future.set_result(None)
+            else:
+                self._router(channel, str(payload), now)
         except Exception:
-            # A bug in dispatch must never take the listener down with it.
+            # A bug in a handler must never take the listener down with it.
             log.exception("notify_dispatch_failed", channel=channel)
+
+    @contextlib.contextmanager
+    def _expecting_echo(self) -> Iterator[tuple[str, asyncio.Future[None]]]:
+        token = uuid.uuid4().hex
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._echoes[token] = future
+        try:
+            yield token, future
+        finally:
+            self._echoes.pop(token, None)
+
+    async def echo(self, within: float) -> None:
+        """NOTIFY a fresh token through `send_echo` and wait until this listener hears it.
+        Raises EchoFailed saying whether the database did not answer or the echo did not
+        come back."""
+        if self._conn is None:
+            raise EchoFailed("listener is not connected", sent=False)
+        with self._expecting_echo() as (token, heard):
+            try:
+                async with asyncio.timeout(within):
+                    await self._send_echo(token)
+            except Exception as exc:
+                raise EchoFailed(
+                    f"database does not answer: {type(exc).__name__}", sent=False
+                ) from None
+            try:
+                async with asyncio.timeout(within):
+                    await heard
+            except TimeoutError:
+                raise EchoFailed(
+                    f"own NOTIFY did not come back through the listener in {within:g} s",
+                    sent=True,
+                ) from None
 
     async def run(self) -> None:
         """Run until cancelled; every loss is followed by a reconnect."""
@@ -80,6 +194,7 @@ class Listener:
                     self._dsn,
                     timeout=max(self.probe_timeout, 5.0),
                     server_settings={"application_name": "reinitd-listener"},
+                    connection_class=ListenConnection,
                 )
             except CONNECTION_ERRORS as exc:
                 attempt += 1
@@ -103,7 +218,7 @@ class Listener:
                 # Whatever went wrong, the listener must live on: reconnect like after a loss.
                 log.exception("listener_failed")
             finally:
-                self._set_connected(False, None)
+                self._set_connection(None)
                 conn.terminate()
             down_since = time.monotonic()
             attempt = 1
@@ -114,9 +229,10 @@ class Listener:
     ) -> None:
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
-        for channel in self._router.channels:
+        for channel in (*self._router.channels, ECHO_CHANNEL):
             await conn.add_listener(channel, self._callback)
-        self._set_connected(True, conn)
+        self._heard_at = time.monotonic()
+        self._set_connection(conn)
         if down_since is None:
             log.info("listener_connected", channels=list(self._router.channels))
         else:
@@ -127,20 +243,38 @@ class Listener:
                 downtime_s=round(time.monotonic() - down_since, 3),
             )
         self._on_connect()
+        unheard = 0
         while not lost.is_set():
-            try:
-                await asyncio.wait_for(lost.wait(), self.probe_interval)
-            except TimeoutError:
-                # A quiet connection is only found dead at its next I/O: probe it.
-                async with asyncio.timeout(self.probe_timeout):
-                    await conn.fetchval(QUERIES["ping"])
+            quiet_for = time.monotonic() - self._heard_at
+            if quiet_for < self.probe_interval:  # hearing NOTIFYs proves it is alive
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lost.wait(), self.probe_interval - quiet_for)
+                continue
+            # A quiet connection is only found dead at its next I/O: probe it.
+            async with asyncio.timeout(self.probe_timeout):
+                await conn.fetchval(QUERIES["ping"])
+            unheard = await self._check_hearing(unheard)
         raise ConnectionResetError("LISTEN connection terminated")
 
-    def _set_connected(self, up: bool, conn: asyncpg.Connection | None) -> None:
-        self.connected = up
-        self.connection = conn
-        metrics.LISTENER_CONNECTED.set(1 if up else 0)
-        if up:
-            self._connected_event.set()
-        else:
-            self._connected_event.clear()
+    async def _check_hearing(self, unheard: int) -> int:
+        """An echo from another connection must come back; returns the echoes missed in a
+        row, and raises once DEAF_ECHOES are (a deaf connection is replaced)."""
+        heard_before = self._heard_at
+        try:
+            await self.echo(self.probe_timeout)
+        except EchoFailed as exc:
+            if not exc.sent or self._heard_at != heard_before:
+                return unheard  # the database is away (reported elsewhere), or it does hear
+            unheard += 1
+            if unheard >= DEAF_ECHOES:
+                log.error(
+                    "listener_deaf",
+                    echoes_missed=unheard,
+                    hint="the LISTEN connection answers queries but hears no NOTIFY: is it "
+                    "going through a transaction-pooling PgBouncer? Point the listen URL "
+                    "(--listen-database-url) at PostgreSQL itself, or at a session pooler",
+                )
+                raise ConnectionResetError("LISTEN connection hears nothing") from None
+            return unheard
+        self._heard_at = time.monotonic()
+        return 0

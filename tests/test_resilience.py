@@ -16,11 +16,12 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from reinitd.keys import HUB, LISTENER
-from reinitd.listener import Listener
+from reinitd.listener import Listener, Notifier
 from reinitd.postgres import Cluster
 from reinitd.router import Router
 from tests.conftest import ServerFactory, open_stream
@@ -322,7 +323,8 @@ async def test_listener_survives_a_bug_in_its_connect_hook(database_url: str) ->
             raise RuntimeError("injected bug")
 
     router = Router({"prebuild_claimed": lambda *_: None})
-    listener = Listener(database_url, router, on_connect, backoff_floor=0.01)
+    notifier = Notifier(database_url)
+    listener = Listener(database_url, router, on_connect, notifier.notify, backoff_floor=0.01)
     task = asyncio.create_task(listener.run())
     try:
         await until(lambda: calls == 2 and listener.connected, what="reconnected after the bug")
@@ -330,3 +332,34 @@ async def test_listener_survives_a_bug_in_its_connect_hook(database_url: str) ->
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await notifier.close()
+
+
+async def test_a_deaf_listener_is_replaced(database_url: str, conn: asyncpg.Connection) -> None:
+    """A LISTEN connection that answers queries but never hears its echo (as behind a
+    transaction-pooling PgBouncer) is reported with the likely cause and replaced."""
+    connects = 0
+
+    def on_connect() -> None:
+        nonlocal connects
+        connects += 1
+
+    async def echo_elsewhere(token: str) -> None:  # the NOTIFY goes out, but is never heard
+        await conn.execute("SELECT pg_notify('nobody_listens', $1)", token)
+
+    router = Router({"prebuild_claimed": lambda *_: None})
+    listener = Listener(
+        database_url, router, on_connect, echo_elsewhere, probe_interval=0.05, probe_timeout=0.2
+    )
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(listener.run())
+        try:
+            await until(lambda: connects >= 2, timeout=10, what="replaced after missed echoes")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    deaf = [entry for entry in logs if entry["event"] == "listener_deaf"]
+    assert deaf
+    assert deaf[0]["log_level"] == "error"
+    assert "PgBouncer" in deaf[0]["hint"]

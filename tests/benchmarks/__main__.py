@@ -102,8 +102,14 @@ def pct(values: list[float], q: float) -> float:
 
 @contextlib.asynccontextmanager
 async def server(
-    kind: str, database_url: str, *, workers: int = 1, ping: float = 15.0
+    kind: str,
+    database_url: str,
+    *,
+    workers: int = 1,
+    ping: float = 15.0,
+    log: Path | None = None,
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """A server process; with `log`, reinitd logs at info (JSON) into that file."""
     port = free_port()
     if kind == "reinitd":
         argv = [
@@ -117,18 +123,21 @@ async def server(
             "--ping-interval",
             str(ping),
             "--log-level",
-            "warning",
+            "warning" if log is None else "info",
+            "--log-format",
+            "json",
         ]
     else:
         argv = ["-m", "tests.benchmarks.naive", "--port", str(port), "--database-url", database_url]
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *argv,
-        env={**os.environ, "DATABASE_URL": database_url},
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    with (log or Path(os.devnull)).open("ab") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *argv,
+            env={**os.environ, "DATABASE_URL": database_url},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as http, asyncio.timeout(60):
         while True:
@@ -143,7 +152,8 @@ async def server(
     spy = None
     if PROFILE and kind == "reinitd":
         spy = await asyncio.create_subprocess_exec(
-            "py-spy",
+            # beside this interpreter (the venv's), which need not be on PATH
+            shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy",
             "record",
             "--pid",
             str(process.pid),
@@ -166,6 +176,26 @@ async def server(
                 spy.send_signal(signal.SIGINT)
             await spy.wait()
         await stop_process(process, timeout=30)
+
+
+async def server_histograms(url: str) -> dict[str, float]:
+    """Where the time goes inside the server: mean NOTIFY-to-write and batched-read times from
+    its own /metrics (histogram sums over counts)."""
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as response:
+        text = await response.text()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    out = {"server_reads": values.get('reinitd_reads_total{outcome="ok"}', 0.0)}
+    for metric, key in (
+        ("reinitd_notify_to_write_seconds", "server_notify_to_write_mean_ms"),
+        ("reinitd_read_duration_seconds", "server_read_mean_ms"),
+    ):
+        count = values.get(f"{metric}_count", 0.0)
+        out[key] = 1000 * values.get(f"{metric}_sum", 0.0) / count if count else float("nan")
+    return out
 
 
 class LoadGen:
@@ -335,6 +365,7 @@ class Bench:
                 await conn.close()
             await wait_events(gens, len(targets), 10)
             got, floor = await events(gens)
+            inside = await server_histograms(url)
         await self.unclaim(targets)
         lat = [got[w] - sent[w] for w in sent if w in got]
         base = [floor[w] - sent[w] for w in sent if w in floor]
@@ -351,6 +382,7 @@ class Bench:
             "overhead_p50_ms": 1000 * pct(over, 0.5),
             "overhead_p99_ms": 1000 * pct(over, 0.99),
             "p99_minus_floor_p99_ms": 1000 * (pct(lat, 0.99) - pct(base, 0.99)),
+            **inside,
         }
 
     async def burst(self, n: int) -> dict[str, Any]:
@@ -367,6 +399,7 @@ class Bench:
             finally:
                 await conn.close()
             got = await wait_events(gens, n, 15)
+            inside = await server_histograms(url)
         await self.unclaim(agents)
         return {
             "waiters": opened["registered"],
@@ -374,6 +407,7 @@ class Bench:
             "errors": opened["errors"],
             "error_samples": opened["error_samples"],
             "all_delivered_s": max(got.values()) - committed if got else float("nan"),
+            **inside,
         }
 
     async def storm(self, n: int, workers: int, claimed_share: float = 0.1) -> dict[str, Any]:
@@ -415,6 +449,83 @@ class Bench:
             "client_cpu_s": after[2] - before[2],
             "claimed": len(claimed),
             "claimed_delivered": len(got),
+        }
+
+    async def forged(self, n: int, seconds: float, rate: float) -> dict[str, Any]:
+        """A role with no grants NOTIFYs as fast as it can for `seconds`, naming workspaces that
+        agents wait on, while real claims arrive at `rate` per second: what the flood costs
+        the server (CPU, log lines) and the real claims (latency over the raw-LISTEN floor)."""
+        agents = self.agents[:n]
+        await self.sql("forger")
+        forger_dsn = self.cluster.dsn("reinitd", user="bench_forger")
+        log = RESULTS / "forged-server.log"
+        log.unlink(missing_ok=True)
+        targets = agents[n // 2 :][: int(seconds * rate)]
+        async with (
+            server("reinitd", self.dsn, log=log) as (proc, url),
+            loadgens(1) as gens,
+        ):
+            opened = await open_all(gens, url, agents)
+            await gens[0].call("listen", dsn=self.dsn)
+            waiting = [uuid.UUID(w) for _, w in agents[: n // 2]]
+            lines_before = len(log.read_bytes().splitlines())
+            cpu0, started = cpu_seconds(tree(proc.pid)), time.monotonic()
+            stop = started + seconds
+            sent_forged = [0]
+
+            async def forge() -> None:
+                conn: asyncpg.Connection = await asyncpg.connect(forger_dsn)
+                try:
+                    i = 0
+                    while time.monotonic() < stop:
+                        batch = [str(waiting[(i + k) % len(waiting)]) for k in range(100)]
+                        i += 100
+                        await conn.execute(BENCH_SQL["forge"], batch)
+                        sent_forged[0] += len(batch)
+                finally:
+                    await conn.close()
+
+            async def claim() -> dict[str, float]:
+                conn: asyncpg.Connection = await asyncpg.connect(self.dsn)
+                sent: dict[str, float] = {}
+                try:
+                    for _, workspace in targets:
+                        sent[workspace] = time.monotonic()
+                        await conn.execute(BENCH_SQL["claim_one"], uuid.UUID(workspace), self.owner)
+                        await asyncio.sleep(max(0.0, sent[workspace] + 1 / rate - time.monotonic()))
+                finally:
+                    await conn.close()
+                return sent
+
+            forgers = asyncio.gather(*(forge() for _ in range(4)))
+            sent = await claim()
+            await forgers
+            elapsed = time.monotonic() - started
+            cpu = cpu_seconds(tree(proc.pid)) - cpu0
+            written = log.read_bytes().splitlines()[lines_before:]
+            # The real claims' own delivery lines are not the flood's doing.
+            lines = sum(b'"reinit_delivered"' not in line for line in written)
+            await wait_events(gens, len(targets), 30)
+            got, floor = await events(gens)
+            stats = await gens[0].call("stats")
+            inside = await server_histograms(url)
+        await self.unclaim(targets)
+        lat = [got[w] - sent[w] for w in sent if w in got]
+        base = [floor[w] - sent[w] for w in sent if w in floor]
+        return {
+            "waiters": opened["registered"],
+            "forged_notifies": sent_forged[0],
+            "forged_per_s": sent_forged[0] / elapsed,
+            "server_cpu_percent": 100 * cpu / elapsed,
+            "log_lines_per_s": lines / elapsed,
+            "claims": len(sent),
+            "delivered": len(lat),
+            "streams_closed": stats["closed"],
+            "p50_ms": 1000 * pct(lat, 0.5),
+            "p99_ms": 1000 * pct(lat, 0.99),
+            "floor_p99_ms": 1000 * pct(base, 0.99),
+            "p99_minus_floor_p99_ms": 1000 * (pct(lat, 0.99) - pct(base, 0.99)),
+            **inside,
         }
 
     async def naive(self, limit: int, step: int = 50) -> dict[str, Any]:
@@ -558,6 +669,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 storm(workers),
                 args.runs,
             )
+        await repeat(
+            "forged",
+            f"forged-NOTIFY flood at {args.latency_waiters} waiters",
+            lambda: bench.forged(args.latency_waiters, 10.0, 20.0),
+            args.runs,
+        )
         await repeat("naive", "naive baseline", lambda: bench.naive(args.naive_limit), 1)
         await repeat("recovery", "recovery", bench.recovery, 1)
         return out
@@ -609,6 +726,19 @@ def report(out: dict[str, Any]) -> str:
             f"already-claimed agents served {m(key, 'claimed_delivered', '{:.0f}')} of "
             f"{m(key, 'claimed', '{:.0f}')}"
         )
+    if "forged" in out:
+        lines.append(
+            f"   Forged-NOTIFY flood (a role with no grants, 10 s, naming waited-on workspaces): "
+            f"{m('forged', 'forged_per_s', '{:.0f}')} NOTIFY/s; server CPU "
+            f"{m('forged', 'server_cpu_percent', '{:.0f}')} % of a core; log lines (other than "
+            f"the real claims' reinit_delivered) {m('forged', 'log_lines_per_s', '{:.2f}')}/s; "
+            f"streams ended "
+            f"{m('forged', 'streams_closed', '{:.0f}')}; real claims meanwhile "
+            f"{m('forged', 'delivered', '{:.0f}')} of {m('forged', 'claims', '{:.0f}')}, p99 "
+            f"{m('forged', 'p99_ms', '{:.2f}')} ms = floor p99 "
+            f"{m('forged', 'floor_p99_ms', '{:.2f}')} ms + "
+            f"{m('forged', 'p99_minus_floor_p99_ms', '{:.2f}')} ms"
+        )
     if "naive" in out:
         naive = out["naive"]["runs"][0]
         line = (
@@ -647,7 +777,7 @@ def main() -> None:
     parser.add_argument("--max-connections", type=int, default=1000)
     parser.add_argument(
         "--only",
-        default="capacity,latency,burst,storm,naive,recovery",
+        default="capacity,latency,burst,storm,forged,naive,recovery",
         help="comma-separated sections to run",
     )
     parser.add_argument(

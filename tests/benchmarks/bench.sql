@@ -23,3 +23,19 @@ SELECT reinitd.claim_prebuild($1, $2)
 -- After a run's claims and unclaims: reclaim dead rows, so that the next run does not race
 -- autovacuum for the CPU.
 VACUUM (ANALYZE) reinitd.workspaces, reinitd.workspace_builds
+
+-- forger --
+-- A login role with no grants at all: it can connect and NOTIFY, nothing else.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'bench_forger') THEN
+        CREATE ROLE bench_forger LOGIN;
+    END IF;
+END
+$$
+
+-- forge --
+-- Forged doorbells, each with a made-up owner (distinct payloads are not folded).
+SELECT pg_notify('prebuild_claimed',
+                 json_build_object('workspace_id', w, 'owner_id', gen_random_uuid())::text)
+FROM unnest($1::text[]) AS w
