@@ -1,4 +1,5 @@
-"""Every reinitd exception, under one base."""
+"""Every exception reinitd raises on purpose, under one base; the agent side uses only the
+ones marked as wire errors, so this module imports nothing."""
 
 from __future__ import annotations
 
@@ -33,3 +34,45 @@ class PayloadError(ReinitdError, ValueError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class SettingError(ReinitdError, ValueError):
+    """A flag or environment variable whose value does not pass its check; the message says
+    which, and what is expected."""
+
+
+class DatabaseUnavailableError(ReinitdError):
+    """PostgreSQL could not be reached, or refused us; the message names where."""
+
+
+class EmbeddedError(ReinitdError):
+    """The embedded PostgreSQL could not be found, initialised, started or stopped."""
+
+
+class EchoFailed(ReinitdError):  # noqa: N818 -- a condition with its reason, like TimeoutError
+    """An echo round trip failed; the message says where. `sent` is true when the NOTIFY went
+    out and only the echo is missing (the listener may be deaf)."""
+
+    def __init__(self, message: str, *, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class ReinitError(ReinitdError):
+    """Wire error: the server refused the request (`status`), or the stream ended with an error
+    frame."""
+
+    def __init__(self, status: int, message: str, detail: str = "") -> None:
+        super().__init__(f"{status} {message}" + (f": {detail}" if detail else ""))
+        self.status = status
+        self.message = message
+        self.detail = detail
+
+    @property
+    def terminal(self) -> bool:
+        """409: the workspace is not, or no longer, a prebuild waiting to be claimed."""
+        return self.status == 409
+
+
+class StreamBroken(ReinitdError):  # noqa: N818 -- a condition, like ConnectionReset
+    """Wire error: the stream ended, went silent, or carried something unparseable: reconnect."""

@@ -7,8 +7,6 @@ import sys
 from typing import Literal, TextIO
 
 import structlog
-from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, StreamResponse
 
 LogFormat = Literal["json", "console", "auto"]
 
@@ -57,24 +55,3 @@ def configure(level: str = "info", fmt: LogFormat = "auto", stream: TextIO | Non
     # While the database is down, asyncpg's pool logs a traceback every few seconds; the
     # outage is already reported by listener_connect_failed and resync_failed.
     logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
-
-
-_access = structlog.get_logger("reinitd.access")
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One `http_request` line per request; never the query string (it may hold a token)."""
-
-    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        _access.info(
-            "http_request",
-            method=request.method,
-            path=request.path,
-            status=response.status,
-            duration_s=round(time, 4),
-            remote=request.remote,
-        )
-
-    @property
-    def enabled(self) -> bool:
-        return True

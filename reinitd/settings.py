@@ -1,37 +1,358 @@
-"""Server settings: one frozen value built by the CLI (or a test) and stored on the app."""
+"""Every option of every command, defined once: flag, environment variable, default, check.
+
+The command line is built from these definitions (reinitd.cli), and a flag and its
+environment variable go through the same check, so both fail with the same clear message.
+A command reads only its own options' variables.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import os
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reinitd.errors import SettingError
+from reinitd.wire import is_token
+
+Parse = Callable[[str], Any]
+
+
+def positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SettingError("expected a number of seconds, like 15 or 0.5") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise SettingError("expected a number greater than 0")
+    return value
+
+
+def positive_integer(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise SettingError("expected a whole number, like 8") from None
+    if value < 1:
+        raise SettingError("expected a whole number of at least 1")
+    return value
+
+
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise SettingError("expected a TCP port number from 1 to 65535") from None
+    if not 1 <= value <= 65535:
+        raise SettingError("expected a TCP port number from 1 to 65535")
+    return value
+
+
+def workers(text: str) -> int:
+    value = positive_integer(text)
+    limit = max_workers()
+    if value > limit:
+        raise SettingError(
+            f"at most {limit} on this machine (4 per core): each worker holds its own "
+            "database connections, and more would only compete for the same cores"
+        )
+    return value
+
+
+def max_workers() -> int:
+    return 4 * (os.cpu_count() or 1)
+
+
+def database_url(text: str) -> str:
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise SettingError(
+            "expected a PostgreSQL URL, like postgresql://user@host:5432/reinitd "
+            f"(got a {parts.scheme + ':' if parts.scheme else 'scheme-less'} address)"
+        )
+    return text
+
+
+def http_url(text: str) -> str:
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingError("expected the base URL of reinitd, like http://reinitd.internal:8080")
+    return text
+
+
+def agent_token(text: str) -> str:
+    if not is_token(text.strip()):
+        raise SettingError("expected the agent token, a UUID")
+    return text.strip()
+
+
+def text(value: str) -> str:
+    if not value.strip():
+        raise SettingError("expected a value")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: `--name-with-dashes`, or the environment variable `env`."""
+
+    name: str
+    env: str
+    default: Any
+    help: str
+    parse: Parse = text
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, raw: str) -> Any:
+        if self.choices and raw not in self.choices:
+            raise SettingError(f"expected one of {', '.join(self.choices)}")
+        return self.parse(raw)
+
+
+LOG_LEVEL = Option(
+    "log_level",
+    "REINITD_LOG_LEVEL",
+    "info",
+    "log level",
+    choices=("debug", "info", "warning", "error"),
+)
+LOG_FORMAT = Option(
+    "log_format",
+    "REINITD_LOG_FORMAT",
+    "auto",
+    "log format; auto is console on a terminal, JSON lines otherwise",
+    choices=("auto", "json", "console"),
+)
+DATABASE_URL = Option(
+    "database_url",
+    "DATABASE_URL",
+    None,
+    "libpq URL of PostgreSQL, e.g. postgresql://user@host:5432/reinitd",
+    database_url,
+    metavar="URL",
+)
+PING_INTERVAL = Option(
+    "ping_interval",
+    "REINITD_PING_INTERVAL",
+    15.0,
+    "seconds between keep-alive frames on open streams (keep it under any proxy's read timeout)",
+    positive_number,
+    metavar="SECONDS",
+)
+
+SERVE: tuple[Option, ...] = (
+    Option("host", "REINITD_HOST", "127.0.0.1", "address to listen on"),
+    Option("port", "REINITD_PORT", 8080, "TCP port to listen on", port),
+    Option(
+        "database_url",
+        "DATABASE_URL",
+        None,
+        "libpq URL of PostgreSQL; unset: an embedded PostgreSQL under ./.reinitd/",
+        database_url,
+        metavar="URL",
+    ),
+    Option(
+        "listen_database_url",
+        "REINITD_LISTEN_DATABASE_URL",
+        None,
+        "separate URL for the LISTEN connection (straight to PostgreSQL when queries go "
+        "through a transaction-pooling PgBouncer); unset: the database URL",
+        database_url,
+        metavar="URL",
+    ),
+    PING_INTERVAL,
+    Option(
+        "write_timeout",
+        "REINITD_WRITE_TIMEOUT",
+        10.0,
+        "seconds a client may stall a write before it is disconnected",
+        positive_number,
+        metavar="SECONDS",
+    ),
+    Option(
+        "resync_interval",
+        "REINITD_RESYNC_INTERVAL",
+        30.0,
+        "seconds between safety-net re-reads of the builds waited on",
+        positive_number,
+        metavar="SECONDS",
+    ),
+    Option(
+        "probe_interval",
+        "REINITD_PROBE_INTERVAL",
+        2.0,
+        "seconds of silence on the LISTEN connection before it is probed",
+        positive_number,
+        metavar="SECONDS",
+    ),
+    Option(
+        "max_streams",
+        "REINITD_MAX_STREAMS",
+        18_000,
+        "open streams per process before new requests get 503 with Retry-After",
+        positive_integer,
+        metavar="N",
+    ),
+    Option(
+        "max_streams_per_agent",
+        "REINITD_MAX_STREAMS_PER_AGENT",
+        8,
+        "open streams per agent token before new requests get 429",
+        positive_integer,
+        metavar="N",
+    ),
+    Option(
+        "header_timeout",
+        "REINITD_HEADER_TIMEOUT",
+        30.0,
+        "seconds a client has to finish its request headers (slowloris), and the idle "
+        "keep-alive limit",
+        positive_number,
+        metavar="SECONDS",
+    ),
+    Option(
+        "workers",
+        "REINITD_WORKERS",
+        1,
+        "server processes sharing the port (SO_REUSEPORT), each with its own listener and "
+        "connections; a dead one is restarted",
+        workers,
+        metavar="N",
+    ),
+    Option(
+        "shutdown_timeout",
+        "REINITD_SHUTDOWN_TIMEOUT",
+        5.0,
+        "seconds to wait for requests to finish on shutdown",
+        positive_number,
+        metavar="SECONDS",
+    ),
+    LOG_LEVEL,
+    LOG_FORMAT,
+)
+
+MIGRATE: tuple[Option, ...] = (
+    Option(
+        "database_url",
+        "DATABASE_URL",
+        None,
+        "libpq URL of PostgreSQL, as the schema's owner (required)",
+        database_url,
+        metavar="URL",
+    ),
+    LOG_LEVEL,
+    LOG_FORMAT,
+)
+
+AGENT: tuple[Option, ...] = (
+    Option(
+        "url",
+        "REINITD_URL",
+        None,
+        "base URL of reinitd, e.g. http://reinitd.internal:8080 (required)",
+        http_url,
+    ),
+    Option("token", "REINITD_AGENT_TOKEN", None, "the agent token, a UUID (required)", agent_token),
+    Option("exec", "REINITD_EXEC", None, "shell command to run on each claim", metavar="CMD"),
+    Option(
+        "state_file",
+        "REINITD_AGENT_STATE_FILE",
+        None,
+        "where handled claims are recorded; unset: "
+        "$XDG_STATE_HOME/reinitd/agent-<token digest>.json",
+        Path,
+        metavar="PATH",
+    ),
+    Option(
+        "max_attempts",
+        "REINITD_AGENT_MAX_ATTEMPTS",
+        5,
+        "runs of a failing CMD before giving up",
+        positive_integer,
+        metavar="N",
+    ),
+    Option(
+        "ping_interval",
+        "REINITD_PING_INTERVAL",
+        15.0,
+        "the server's ping interval; three silent intervals mean a dead stream",
+        positive_number,
+        metavar="SECONDS",
+    ),
+    LOG_LEVEL,
+    LOG_FORMAT,
+)
+
+
+def resolve(
+    options: Sequence[Option], given: Mapping[str, str | None], environ: Mapping[str, str]
+) -> dict[str, Any]:
+    """Each option's value: the flag if given, else its environment variable (when set and
+    not empty), else its default. Raises SettingError naming the flag or the variable."""
+    values: dict[str, Any] = {}
+    for option in options:
+        raw, source = given.get(option.name), option.flag
+        if raw is None:
+            raw, source = environ.get(option.env) or None, option.env
+        if raw is None:
+            values[option.name] = option.default
+            continue
+        try:
+            values[option.name] = option.check(raw)
+        except SettingError as exc:
+            raise SettingError(f"{source}={raw!r}: {exc}") from None
+    return values
+
+
+def defaults(options: Sequence[Option]) -> dict[str, Any]:
+    return {option.name: option.default for option in options}
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """What `reinitd serve` runs with: the SERVE options, plus tuning that is not an option.
+    Build it with `serve_settings`, whose defaults are the options' own."""
+
     database_url: str
-    # LISTEN cannot go through a transaction-pooling PgBouncer: point this straight at Postgres.
-    listen_database_url: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8080
-    ping_interval: float = 15.0
-    write_timeout: float = 10.0
-    resync_interval: float = 30.0
-    probe_interval: float = 2.0
+    listen_database_url: str | None
+    host: str
+    port: int
+    ping_interval: float
+    write_timeout: float
+    resync_interval: float
+    probe_interval: float
+    max_streams: int
+    max_streams_per_agent: int
+    header_timeout: float
+    workers: int
+    shutdown_timeout: float
+    log_level: str
+    log_format: str
     probe_timeout: float = 2.0
     queue_limit: int = 16
     pool_min_size: int = 2
     pool_max_size: int = 10
-    shutdown_timeout: float = 5.0
     backlog: int = 4096
-    # Admission limits (make bench measured ~19 000 idle streams per process at 20 000 files).
-    max_streams: int = 18_000
-    max_streams_per_agent: int = 8
-    # A client must finish its request headers within this (slowloris); also the idle
-    # keep-alive limit between requests.
-    header_timeout: float = 30.0
     max_line_size: int = 8190
     max_field_size: int = 8190
     max_headers: int = 64
+    # Set when serve runs migrations as another role than it serves under (the embedded
+    # cluster: the owner migrates, reinitd_server serves).
+    migrate_database_url: str | None = field(default=None)
 
     @property
     def listen_dsn(self) -> str:
         return self.listen_database_url or self.database_url
+
+
+def serve_settings(**values: Any) -> Settings:
+    """Settings with every option at its default unless given."""
+    return Settings(**{**defaults(SERVE), **values})

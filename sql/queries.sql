@@ -57,3 +57,16 @@ CREATE DATABASE reinitd
 -- probe_notify --
 -- Readiness: a NOTIFY that must come back through this process's own listener.
 SELECT pg_notify('reinitd_probe', $1)
+
+-- server_login_role --
+-- The statements that create (or refresh) the embedded cluster's login role for `serve`,
+-- quoted by format(): $1 the role, $2 its password.
+SELECT format(
+    CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)
+        THEN 'ALTER ROLE %1$I LOGIN NOSUPERUSER PASSWORD %2$L; GRANT reinitd_server TO %1$I'
+        ELSE 'CREATE ROLE %1$I LOGIN PASSWORD %2$L IN ROLE reinitd_server'
+    END, $1::text, $2::text)
+
+-- set_superuser_password --
+-- Run by `postgres --single` (no parameters there): $1 is replaced by a quoted hex password.
+ALTER ROLE postgres PASSWORD $1;

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,12 +17,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from reinitd.app import create_app, server_options
-from reinitd.hub import End
-from reinitd.keys import DOORBELL, HUB, LISTENER, READINESS
-from reinitd.migration import migrate
-from reinitd.postgres import Cluster, ensure_cluster
-from reinitd.settings import Settings
+from reinitd.server.app import create_app, server_options
+from reinitd.server.embedded import Cluster, ensure_cluster
+from reinitd.server.hub import End
+from reinitd.server.keys import DOORBELL, HUB, LISTENER, READINESS
+from reinitd.server.migration import migrate
+from reinitd.settings import serve_settings
 from tests.support import REINIT, Sql, Stream, parse_frame
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -34,7 +34,7 @@ def postgres() -> Iterator[Cluster]:
     """A throwaway cluster (fsync off) for the whole session, removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix="reinitd-test-pg-"))
     os.chmod(root, 0o755)  # traversable by an unprivileged PostgreSQL user  # noqa: S103
-    cluster = ensure_cluster(root / "data", fsync=False)
+    cluster = ensure_cluster(root, fsync=False)
     try:
         yield cluster
     finally:
@@ -72,8 +72,10 @@ def make_server(aiohttp_client: ClientFactory, database_url: str) -> ServerFacto
     """Start a reinitd app on a free port; keyword arguments override Settings fields."""
 
     async def start(**overrides: Any) -> TestClient[web.Request, web.Application]:
-        base = Settings(database_url=database_url, probe_interval=0.5, write_timeout=2.0)
-        settings = dataclasses.replace(base, **overrides)
+        settings = serve_settings(
+            **{"database_url": database_url, "probe_interval": 0.5, "write_timeout": 2.0}
+            | overrides
+        )
         server = TestServer(create_app(settings))
         # TestServer takes the server's options here (not in its constructor), and always
         # sets handler_cancellation=True itself, as reinitd does.
@@ -139,3 +141,23 @@ async def assert_no_more_events(
     rest = await stream.closed()
     frames = [parse_frame(raw + b"\n\n") for raw in rest.split(b"\n\n") if raw]
     assert [frame.event for frame in frames] == ["ping"] * len(frames), rest
+
+
+async def login_role(
+    conn: asyncpg.Connection, postgres: Cluster, prefix: str, member_of: str | None = None
+) -> str:
+    """A new login role with a password (the embedded cluster requires one), optionally in a
+    group role; returns its URL for the `reinitd` database."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    password = uuid.uuid4().hex
+    statement = await conn.fetchval(
+        "SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', $1::text, $2::text)", name, password
+    )
+    await conn.execute(statement)
+    if member_of is not None:
+        await conn.execute(
+            await conn.fetchval(
+                "SELECT format('GRANT %I TO %I', $1::text, $2::text)", member_of, name
+            )
+        )
+    return f"postgresql://{name}:{password}@127.0.0.1:{postgres.port}/reinitd"

@@ -46,6 +46,7 @@ class TcpProxy:
         self.refuse = False
         self.links: set[_Link] = set()
         self.accepted = 0
+        self.url = ""  # a database URL through this proxy, set by whoever knows the target
         self._server: asyncio.Server | None = None
 
     @property
@@ -53,9 +54,6 @@ class TcpProxy:
         assert self._server is not None
         port: int = self._server.sockets[0].getsockname()[1]
         return port
-
-    def dsn(self, database: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     async def start(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)

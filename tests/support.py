@@ -19,8 +19,8 @@ import aiohttp
 import asyncpg
 from prometheus_client import REGISTRY
 
-from reinitd.event import REINIT_PATH
-from reinitd.postgres import free_port
+from reinitd.server.embedded import free_port
+from reinitd.wire import REINIT_PATH
 
 REINIT = REINIT_PATH
 

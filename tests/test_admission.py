@@ -12,7 +12,7 @@ import uuid
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from reinitd.keys import ADMISSION, HUB
+from reinitd.server.keys import ADMISSION, HUB
 from tests.conftest import ServerFactory, open_stream
 from tests.support import REINIT, Sql, sample, until
 

@@ -13,10 +13,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from reinitd.agent import EXIT_COMMAND_FAILED, EXIT_NOT_WAITING, Agent, AgentConfig, StateFile
-from reinitd.client import ReinitError, SseParser, StreamBroken, reinit_events, wait_for_reinit
-from reinitd.event import ReinitEvent
-from reinitd.keys import HUB
+from reinitd.agent import EXIT_COMMAND_FAILED, EXIT_NOT_WAITING
+from reinitd.agent.client import SseParser, reinit_events, wait_for_reinit
+from reinitd.agent.runner import Agent, AgentConfig, StateFile
+from reinitd.errors import ReinitError, StreamBroken
+from reinitd.server.keys import HUB
+from reinitd.wire import ReinitEvent
 from tests.conftest import ServerFactory, settle
 from tests.support import REINIT, Sql, reinitd_process, server_process, until
 
@@ -261,16 +263,15 @@ async def test_cli_once_prints_event_json(
 
 
 async def test_cli_rejects_bad_usage() -> None:
-    """A malformed token or a missing --exec is a usage error (exit 2) with a clear message."""
+    """A missing --exec (without --once) is a usage error (exit 2) with a clear message."""
     process = await reinitd_process(
         "agent",
         "--url",
         "http://127.0.0.1:1",
         "--token",
-        "nope",
+        str(uuid.uuid4()),
         stderr=asyncio.subprocess.PIPE,
     )
     _, stderr = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 2
-    assert b"must be the agent token" in stderr
-    assert b"--exec" in stderr
+    assert b"give --exec CMD, or --once" in stderr

@@ -14,8 +14,8 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from reinitd.postgres import Cluster
-from tests.conftest import assert_no_more_events, open_stream, settle
+from reinitd.server.embedded import Cluster
+from tests.conftest import assert_no_more_events, login_role, open_stream, settle
 from tests.support import REINIT, Sql, sample
 
 Client = TestClient[web.Request, web.Application]
@@ -24,10 +24,7 @@ Client = TestClient[web.Request, web.Application]
 @pytest.fixture
 async def mallory(postgres: Cluster, conn: asyncpg.Connection) -> AsyncIterator[Sql]:
     """A login role with no grants at all: it can connect, LISTEN and NOTIFY, nothing else."""
-    exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = 'mallory'")
-    if not exists:
-        await conn.execute("CREATE ROLE mallory LOGIN")
-    forger: asyncpg.Connection = await asyncpg.connect(postgres.dsn("reinitd", user="mallory"))
+    forger: asyncpg.Connection = await asyncpg.connect(await login_role(conn, postgres, "mallory"))
     try:
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await forger.fetch("SELECT * FROM reinitd.workspaces")

@@ -14,8 +14,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from reinitd import postgres
-from reinitd.postgres import free_port
+from reinitd.errors import EmbeddedError
+from reinitd.server import embedded as postgres
+from reinitd.server.embedded import free_port
 from tests.support import reinitd_process, serve_args, stop_process, wait_ready
 
 Starter = Callable[[Path, int], Awaitable[asyncio.subprocess.Process]]
@@ -99,9 +100,9 @@ def test_root_fallback_to_an_unprivileged_user(monkeypatch: pytest.MonkeyPatch) 
     try:
         try:
             postgres._check_traversable(postgres.find_bindir())
-        except postgres.PostgresError as exc:
+        except EmbeddedError as exc:
             pytest.skip(f"this checkout is not reachable by other users: {exc}")
-        cluster = postgres.ensure_cluster(root / "data", fsync=False)
+        cluster = postgres.ensure_cluster(root, fsync=False)
         try:
             assert cluster.psql("SELECT current_setting('data_directory')").strip() == str(
                 root / "data"

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reinitd.doorbell import workspace_of
 from reinitd.errors import PayloadError
-from reinitd.event import ReinitEvent, error_frame
+from reinitd.server.doorbell import workspace_of
+from reinitd.wire import ReinitEvent, error_frame
 from tests.support import parse_frame
 
 WS = uuid.UUID("7d3e5c1c-1111-4a4a-8b8b-000000000001")

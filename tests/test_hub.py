@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from reinitd.claim import (
+from reinitd.server.claim import (
     CLAIM_FAILED_MESSAGE,
     NOT_WAITING_MESSAGE,
+    PREBUILDS_USER_ID,
     WAIT,
     Deliver,
     Refuse,
     judge,
 )
-from reinitd.event import PREBUILDS_USER_ID, ReinitEvent
-from reinitd.hub import PING, Delivery, End, Hub
+from reinitd.server.hub import PING, Delivery, End, Hub
+from reinitd.wire import ReinitEvent
 
 WS = uuid.uuid4()
 OWNER = uuid.uuid4()

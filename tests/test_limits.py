@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reinitd.errors import ApiError
-from reinitd.handler import OPENAPI, parse_bool, parse_timeout, token_hash
-from reinitd.postgres import Cluster
-from tests.conftest import ServerFactory, open_stream
+from reinitd.server.embedded import Cluster
+from reinitd.server.handler import OPENAPI, parse_bool, parse_timeout, token_hash
+from tests.conftest import ServerFactory, login_role, open_stream
 from tests.support import REINIT, Agent, Sql, Stream, sample
 
 Client = TestClient[web.Request, web.Application]
@@ -146,9 +146,7 @@ async def test_responses_match_the_documented_statuses(client: Client, sql: Sql)
 @pytest.fixture
 async def server_role_url(postgres: Cluster, conn: asyncpg.Connection) -> str:
     """A login role that is a member of reinitd_server, and nothing else."""
-    name = f"srv_{uuid.uuid4().hex[:8]}"
-    await conn.execute(f"CREATE ROLE {name} LOGIN IN ROLE reinitd_server")
-    return f"postgresql://{name}@127.0.0.1:{postgres.port}/reinitd"
+    return await login_role(conn, postgres, "srv", "reinitd_server")
 
 
 async def test_server_works_under_its_least_privileged_role(
@@ -202,10 +200,8 @@ async def test_operator_role_claims_through_the_api_only(
     postgres: Cluster, conn: asyncpg.Connection, sql: Sql
 ) -> None:
     """reinitd_operator provisions and claims via the functions but cannot read token hashes."""
-    name = f"op_{uuid.uuid4().hex[:8]}"
-    await conn.execute(f"CREATE ROLE {name} LOGIN IN ROLE reinitd_operator")
     operator: asyncpg.Connection = await asyncpg.connect(
-        f"postgresql://{name}@127.0.0.1:{postgres.port}/reinitd"
+        await login_role(conn, postgres, "op", "reinitd_operator")
     )
     try:
         op = Sql(operator)

@@ -169,18 +169,41 @@ async def test_help_explains_every_option(command: str, expected: list[str]) -> 
 @pytest.mark.parametrize(
     ("args", "env", "expected"),
     [
-        (["serve", "--workers", "0"], {}, b"--workers: invalid positive_integer value: '0'"),
-        (["serve", "--ping-interval", "-1"], {}, b"--ping-interval: invalid positive_number"),
-        (["serve"], {"REINITD_PORT": "http"}, b"invalid value for REINITD_PORT: 'http'"),
+        (["serve", "--workers", "0"], {}, b"--workers='0': expected a whole number of at least 1"),
+        (["serve", "--workers", "999"], {}, b"--workers='999': at most"),
+        (["serve", "--ping-interval", "-1"], {}, b"--ping-interval='-1': expected a number"),
+        (["serve", "--port", "70000"], {}, b"--port='70000': expected a TCP port number"),
+        (["serve"], {"REINITD_PORT": "http"}, b"REINITD_PORT='http': expected a TCP port"),
+        (["serve"], {"DATABASE_URL": "notaurl"}, b"DATABASE_URL='notaurl': expected a PostgreSQL"),
+        (["serve"], {"DATABASE_URL": "mysql://db/x"}, b"(got a mysql: address)"),
+        (["serve"], {"REINITD_LOG_LEVEL": "verbose"}, b"expected one of debug, info, warning"),
+        (["serve"], {"REINITD_LOG_FORMAT": "xml"}, b"expected one of auto, json, console"),
         (["migrate"], {}, b"--database-url (or DATABASE_URL) is required"),
+        (["agent", "--url", "notaurl"], {}, b"--url='notaurl': expected the base URL"),
+        (["agent", "--token", "nope"], {}, b"--token='nope': expected the agent token, a UUID"),
     ],
 )
 async def test_bad_options_are_clear_errors(
     args: list[str], env: dict[str, str], expected: bytes
 ) -> None:
-    """Invalid flags or environment values stop the command with a message naming them."""
+    """Invalid flags or environment values stop the command at once, with exit code 2 (1 for
+    a missing database URL) and a one-line message naming the flag or variable."""
     clean = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    process = await reinitd_process(*args, env=clean | env, stderr=asyncio.subprocess.PIPE)
-    _, stderr = await asyncio.wait_for(process.communicate(), 20)
-    assert process.returncode != 0
+    process = await reinitd_process(
+        *args, env=clean | env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 2, stderr
     assert expected in stderr
+    assert len(stderr.splitlines()) == 1, stderr  # one line, no traceback
+    assert stdout == b""
+
+
+@pytest.mark.parametrize("args", [["--version"], ["agent", "--help"], ["migrate", "--help"]])
+async def test_a_command_reads_only_its_own_environment(args: list[str]) -> None:
+    """A bad value for one command's variable does not break another command."""
+    env = dict(os.environ) | {"REINITD_PORT": "abc", "REINITD_MAX_STREAMS": "lots"}
+    process = await reinitd_process(*args, env=env, stdout=asyncio.subprocess.PIPE)
+    stdout, _ = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0
+    assert stdout

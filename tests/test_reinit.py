@@ -10,9 +10,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from reinitd import metrics
-from reinitd.keys import ADMISSION
-from reinitd.postgres import Cluster
+from reinitd.server import metrics
+from reinitd.server.embedded import Cluster
+from reinitd.server.keys import ADMISSION
 from tests.conftest import ServerFactory, assert_no_more_events, open_stream
 from tests.support import REINIT, Agent, Sql, Stream
 

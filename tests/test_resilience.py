@@ -20,10 +20,10 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from reinitd.keys import HUB, LISTENER
-from reinitd.listener import Listener, Notifier
-from reinitd.postgres import Cluster
-from reinitd.router import Router
+from reinitd.server.embedded import Cluster
+from reinitd.server.keys import HUB, LISTENER
+from reinitd.server.listener import Listener, Notifier
+from reinitd.server.router import Router
 from tests.conftest import ServerFactory, open_stream
 from tests.proxy import TcpProxy
 from tests.support import REINIT, Sql, Stream, get_reinit, sample, server_process, until
@@ -34,6 +34,7 @@ Client = TestClient[web.Request, web.Application]
 @pytest.fixture
 async def proxy(postgres: Cluster) -> AsyncIterator[TcpProxy]:
     tcp = await TcpProxy("127.0.0.1", postgres.port).start()
+    tcp.url = postgres.dsn("reinitd", port=tcp.port)
     try:
         yield tcp
     finally:
@@ -44,7 +45,7 @@ async def proxied_server(
     make_server: ServerFactory, proxy: TcpProxy, **overrides: object
 ) -> Client:
     """Queries go straight to PostgreSQL; the LISTEN connection goes through the proxy."""
-    return await make_server(listen_database_url=proxy.dsn("reinitd"), **overrides)
+    return await make_server(listen_database_url=proxy.url, **overrides)
 
 
 def claimed(workspace_id: uuid.UUID, owner: uuid.UUID) -> dict[str, str]:

@@ -20,8 +20,8 @@ from schemathesis.core.result import Ok
 from schemathesis.generation import GenerationMode
 from schemathesis.schemas import APIOperation
 
-from reinitd.handler import OPENAPI
-from reinitd.postgres import free_port
+from reinitd.server.embedded import free_port
+from reinitd.server.handler import OPENAPI
 
 SCHEMA = openapi.from_dict(json.loads(OPENAPI))
 OPERATIONS: list[APIOperation[Any, Any, Any, Any]] = []

@@ -9,10 +9,10 @@ import uuid
 import asyncpg
 import pytest
 
-from reinitd.event import PREBUILDS_USER_ID
-from reinitd.migration import migrate
-from reinitd.postgres import Cluster
-from reinitd.query import migrations
+from reinitd.server.claim import PREBUILDS_USER_ID
+from reinitd.server.embedded import Cluster
+from reinitd.server.migration import migrate
+from reinitd.server.query import migrations
 from tests.support import Agent, Sql
 
 

@@ -26,9 +26,9 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from reinitd.migration import migrate
-from reinitd.postgres import Cluster, ensure_cluster, free_port
-from reinitd.query import parse_blocks
+from reinitd.server.embedded import Cluster, ensure_cluster, free_port
+from reinitd.server.migration import migrate
+from reinitd.server.query import parse_blocks
 from tests.support import stop_process
 
 BENCH_SQL = parse_blocks((Path(__file__).parent / "bench.sql").read_text())

@@ -15,9 +15,9 @@ import json
 import asyncpg
 from aiohttp import web
 
-from reinitd.claim import Deliver, Refuse, read_verdicts
-from reinitd.event import CHANNEL
-from reinitd.query import QUERIES
+from reinitd.server.claim import Deliver, Refuse, read_verdicts
+from reinitd.server.doorbell import CHANNEL
+from reinitd.server.query import QUERIES
 
 DSN = web.AppKey("dsn", str)
 

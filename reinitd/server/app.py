@@ -3,39 +3,38 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import structlog
 from aiohttp import web
 
-from reinitd import handler
-from reinitd.admission import Admission
-from reinitd.doorbell import Doorbell
-from reinitd.event import CHANNEL, REINIT_PATH
-from reinitd.hub import Hub
-from reinitd.keys import (
+from reinitd.server import handler
+from reinitd.server.admission import Admission
+from reinitd.server.database import CONNECT_TIMEOUT
+from reinitd.server.doorbell import CHANNEL, Doorbell
+from reinitd.server.hub import Hub
+from reinitd.server.keys import (
     ADMISSION,
     DOORBELL,
     HUB,
-    LIFECYCLE,
     LISTENER,
     POOL,
     READINESS,
     REFUSALS,
     SETTINGS,
-    Lifecycle,
 )
-from reinitd.limit import Refusals
-from reinitd.listener import Listener, Notifier
-from reinitd.middleware import on_prepare, request_context
-from reinitd.readiness import Readiness
-from reinitd.router import Router
+from reinitd.server.listener import Listener, Notifier
+from reinitd.server.middleware import on_prepare, request_context
+from reinitd.server.readiness import Readiness
+from reinitd.server.refusal import Refusals
+from reinitd.server.router import Router
+from reinitd.server.tasks import running
 from reinitd.settings import Settings
+from reinitd.wire import REINIT_PATH
 
-log = structlog.get_logger("reinitd.app")
+log = structlog.get_logger("reinitd.server.app")
 
 
 async def _no_reset(_conn: asyncpg.Connection) -> None:
@@ -51,21 +50,10 @@ async def _pool(app: web.Application) -> AsyncIterator[None]:
         max_size=settings.pool_max_size,
         server_settings={"application_name": "reinitd"},
         reset=_no_reset,
+        timeout=CONNECT_TIMEOUT,
     )
     yield
     await app[POOL].close()
-
-
-@contextlib.asynccontextmanager
-async def _tasks(*coros: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
-    """Run background tasks for the duration of the block; cancel and await them after."""
-    tasks = [asyncio.create_task(coro) for coro in coros]
-    try:
-        yield
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 PING_SLICES = 500
@@ -108,8 +96,13 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
         max_streams_per_agent=settings.max_streams_per_agent,
     )
     app[DOORBELL], app[LISTENER], app[READINESS] = doorbell, listener, readiness
+    tasks = {
+        "listener": listener.run,
+        "doorbell": doorbell.run,
+        "pinger": lambda: _pinger(hub, settings.ping_interval),
+    }
     try:
-        async with _tasks(listener.run(), doorbell.run(), _pinger(hub, settings.ping_interval)):
+        async with running(tasks):
             yield
     finally:
         await notifier.close()
@@ -117,7 +110,7 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
 
 async def _on_shutdown(app: web.Application) -> None:
     """Readiness off, then end every open stream so shutdown does not wait on them."""
-    app[LIFECYCLE].stopping = True
+    app[READINESS].stopping = True
     log.info("streams_closing", open_streams=len(app[HUB]))
     app[HUB].end_all("shutdown")
 
@@ -140,7 +133,6 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[request_context])
     app[SETTINGS] = settings
     app[HUB] = Hub(queue_limit=settings.queue_limit)
-    app[LIFECYCLE] = Lifecycle()
     app[REFUSALS] = Refusals()
     app.cleanup_ctx.append(_pool)
     app.cleanup_ctx.append(_delivery)

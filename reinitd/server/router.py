@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
-log = structlog.get_logger("reinitd.router")
+log = structlog.get_logger("reinitd.server.router")
 
 # A channel's handler gets the payload and the listener's receipt time (time.monotonic()).
 # It runs inside the listener's callback: it must be synchronous and only hand off.

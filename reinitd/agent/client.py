@@ -13,34 +13,16 @@ import aiohttp
 import structlog
 
 from reinitd.backoff import backoff_delay
-from reinitd.event import REASONS, REINIT_PATH, TOKEN_HEADER, ReinitEvent
+from reinitd.errors import ReinitError, StreamBroken
+from reinitd.wire import REASONS, REINIT_PATH, TOKEN_HEADER, ReinitEvent
 
-log = structlog.get_logger("reinitd.client")
+log = structlog.get_logger("reinitd.agent.client")
 
 
 BACKOFF_FLOOR = 0.1
 BACKOFF_CEILING = 10.0
 # A stream silent for this many ping intervals is treated as dead.
 SILENT_PINGS = 3
-
-
-class ReinitError(Exception):
-    """The server refused the request (`status`), or the stream ended with an error frame."""
-
-    def __init__(self, status: int, message: str, detail: str = "") -> None:
-        super().__init__(f"{status} {message}" + (f": {detail}" if detail else ""))
-        self.status = status
-        self.message = message
-        self.detail = detail
-
-    @property
-    def terminal(self) -> bool:
-        """409: the workspace is not, or no longer, a prebuild waiting to be claimed."""
-        return self.status == 409
-
-
-class StreamBroken(Exception):  # noqa: N818 -- a condition, like ConnectionReset
-    """The stream ended, went silent, or carried something unparseable: reconnect."""
 
 
 @dataclass

@@ -12,15 +12,14 @@ from typing import Final
 import asyncpg
 import structlog
 
-from reinitd import metrics
 from reinitd.backoff import backoff_delay
-from reinitd.query import QUERIES
-from reinitd.router import Router
+from reinitd.errors import EchoFailed
+from reinitd.server import metrics
+from reinitd.server.database import CONNECT_TIMEOUT, CONNECTION_ERRORS
+from reinitd.server.query import QUERIES
+from reinitd.server.router import Router
 
-log = structlog.get_logger("reinitd.listener")
-
-# Failures a dead or unreachable database shows up as.
-CONNECTION_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+log = structlog.get_logger("reinitd.server.listener")
 
 # After this many failed attempts in a row, reconnect failures log as errors, not warnings.
 WARN_ATTEMPTS = 5
@@ -28,15 +27,6 @@ WARN_ATTEMPTS = 5
 ECHO_CHANNEL: Final = "reinitd_probe"
 # Echoes in a row that never come back before the listener is declared deaf and replaced.
 DEAF_ECHOES = 2
-
-
-class EchoFailed(Exception):  # noqa: N818 -- a condition with its reason, like TimeoutError
-    """An echo round trip failed; the message says where. `sent` is true when the NOTIFY went
-    out and only the echo is missing (the listener may be deaf)."""
-
-    def __init__(self, message: str, *, sent: bool) -> None:
-        super().__init__(message)
-        self.sent = sent
 
 
 class ListenConnection(asyncpg.Connection):
@@ -192,7 +182,7 @@ class Listener:
             try:
                 conn: asyncpg.Connection = await asyncpg.connect(
                     self._dsn,
-                    timeout=max(self.probe_timeout, 5.0),
+                    timeout=CONNECT_TIMEOUT,
                     server_settings={"application_name": "reinitd-listener"},
                     connection_class=ListenConnection,
                 )

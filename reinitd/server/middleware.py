@@ -9,9 +9,9 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from reinitd import metrics
 from reinitd.errors import ApiError
-from reinitd.keys import REFUSALS
+from reinitd.server import metrics
+from reinitd.server.keys import REFUSALS
 
 log = structlog.get_logger("reinitd.http")
 

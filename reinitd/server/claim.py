@@ -1,16 +1,19 @@
-"""The durable check: what a workspace's builds say a waiting agent should get (SPEC §2)."""
+"""The durable check: what a workspace's builds say a waiting agent should get."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import asyncpg
 
-from reinitd.event import PREBUILDS_USER_ID, ReinitEvent
-from reinitd.query import QUERIES
+from reinitd.server.query import QUERIES
+from reinitd.wire import ReinitEvent
+
+# The prebuilds system user: a workspace is a prebuild while this user owns it.
+PREBUILDS_USER_ID: Final = uuid.UUID("c42fdf75-3097-471c-8c33-fb52454d81c0")
 
 NOT_WAITING_MESSAGE = "Workspace is not a prebuilt workspace waiting to be claimed."
 CLAIM_FAILED_MESSAGE = "Claim build failed permanently."
@@ -47,7 +50,8 @@ WAIT = Wait()
 
 
 def judge(row: Row | None) -> Verdict:
-    """Apply SPEC §2's `wait=true` rules to a `claim_states` row (None: workspace gone)."""
+    """Apply the `wait=true` rules (docs/protocol.md) to a `claim_states` row (None: the
+    workspace is gone)."""
     if row is None:
         return Refuse(NOT_WAITING_MESSAGE, "The workspace no longer exists.")
     owner: uuid.UUID = row["owner_id"]

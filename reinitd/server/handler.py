@@ -12,14 +12,14 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from reinitd import metrics
-from reinitd.claim import Deliver, Refuse
 from reinitd.errors import ApiError
-from reinitd.event import PING_FRAME, TOKEN_HEADER, TOKEN_PARAM, error_frame, is_token
-from reinitd.hub import Delivery, End, Subscription
-from reinitd.keys import ADMISSION, LIFECYCLE, READINESS, SETTINGS
+from reinitd.server import metrics
+from reinitd.server.claim import Deliver, Refuse
+from reinitd.server.hub import Delivery, End, Subscription
+from reinitd.server.keys import ADMISSION, READINESS, SETTINGS
+from reinitd.wire import PING_FRAME, TOKEN_HEADER, TOKEN_PARAM, error_frame, is_token
 
-log = structlog.get_logger("reinitd.handler")
+log = structlog.get_logger("reinitd.server.handler")
 
 MAX_POLL_TIMEOUT = 300.0
 DEFAULT_POLL_TIMEOUT = 30.0
@@ -201,7 +201,7 @@ async def readyz(request: web.Request) -> web.Response:
     """200 only while our own NOTIFY comes back through the listener (which also proves the
     database answers); the result is cached for a second, so polling it is cheap."""
     app = request.app
-    problems = ["server is stopping"] if app[LIFECYCLE].stopping else await app[READINESS].check()
+    problems = await app[READINESS].check()
     if problems:
         return web.json_response(
             {"message": "Not ready.", "detail": "; ".join(problems)}, status=503
@@ -209,7 +209,7 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
-OPENAPI = resources.files("reinitd").joinpath("openapi.json").read_bytes()
+OPENAPI = resources.files("reinitd.server").joinpath("openapi.json").read_bytes()
 
 
 async def openapi(_request: web.Request) -> web.Response:

@@ -12,16 +12,18 @@ from typing import Final
 import asyncpg
 import structlog
 
-from reinitd import metrics
 from reinitd.backoff import backoff_delay
-from reinitd.claim import Deliver, Refuse, Verdict, read_verdicts
 from reinitd.errors import PayloadError
-from reinitd.hub import Hub
-from reinitd.limit import LogThrottle
-from reinitd.listener import CONNECTION_ERRORS
+from reinitd.server import metrics
+from reinitd.server.claim import Deliver, Refuse, Verdict, read_verdicts
+from reinitd.server.database import CONNECTION_ERRORS
+from reinitd.server.hub import Hub
+from reinitd.server.throttle import LogThrottle
 
-log = structlog.get_logger("reinitd.doorbell")
+log = structlog.get_logger("reinitd.server.doorbell")
 
+# The channel claims are announced on (NOTIFY prebuild_claimed, '<workspace uuid>').
+CHANNEL: Final = "prebuild_claimed"
 # A payload names a workspace in ~100 bytes; anything much longer is not ours.
 MAX_PAYLOAD_BYTES: Final = 1024
 # Workspaces per batched read: doorbells, and a resync's steps between them.

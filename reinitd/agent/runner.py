@@ -1,4 +1,4 @@
-"""`reinitd agent`: run a command once per claim, never twice, even across restarts."""
+"""The agent's loop: run a command once per claim, never twice, even across restarts."""
 
 from __future__ import annotations
 
@@ -12,17 +12,13 @@ from pathlib import Path
 
 import structlog
 
+from reinitd.agent import EXIT_COMMAND_FAILED, EXIT_NOT_WAITING, EXIT_OK
+from reinitd.agent.client import reinit_events
 from reinitd.backoff import backoff_delay
-from reinitd.client import ReinitError, reinit_events
-from reinitd.event import ReinitEvent
+from reinitd.errors import ReinitError
+from reinitd.wire import ReinitEvent
 
 log = structlog.get_logger("reinitd.agent")
-
-# Exit codes, documented in the README and `reinitd agent --help`.
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_NOT_WAITING = 3  # 409: the workspace is not, or no longer, a prebuild waiting to be claimed
-EXIT_COMMAND_FAILED = 4  # the command failed on every attempt
 
 
 def default_state_file(token: str) -> Path:

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 
-from reinitd import metrics
-from reinitd.claim import WAIT, Verdict, read_verdicts
 from reinitd.errors import ApiError
-from reinitd.hub import Hub, Subscription
-from reinitd.query import QUERIES
+from reinitd.server import metrics
+from reinitd.server.claim import WAIT, Verdict, read_verdicts
+from reinitd.server.hub import Hub, Subscription
+from reinitd.server.query import QUERIES
 
 
 @dataclass(frozen=True, slots=True)

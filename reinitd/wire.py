@@ -1,4 +1,6 @@
-"""The reinit event and the byte-exact wire frames agents read."""
+"""The wire between agent and server: the endpoint, the token rule, the event and its frames.
+
+Both sides import this module and nothing else of each other."""
 
 from __future__ import annotations
 
@@ -7,9 +9,6 @@ import re
 import uuid
 from dataclasses import dataclass
 from typing import Final
-
-PREBUILDS_USER_ID: Final = uuid.UUID("c42fdf75-3097-471c-8c33-fb52454d81c0")
-CHANNEL: Final = "prebuild_claimed"
 
 REINIT_PATH: Final = "/api/v2/workspaceagents/me/reinit"
 TOKEN_HEADER: Final = "Coder-Session-Token"  # noqa: S105 -- a header name, not a secret

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncpg
 import structlog
 
-from reinitd.query import QUERIES, migrations
+from reinitd.server import database
+from reinitd.server.query import QUERIES, migrations
 
-log = structlog.get_logger("reinitd.migration")
+log = structlog.get_logger("reinitd.server.migration")
 
 
 async def _applied(conn: asyncpg.Connection) -> set[str]:
@@ -23,7 +24,7 @@ async def migrate(dsn: str) -> list[str]:
     `reinitd_server` role can start. Otherwise an advisory lock taken first serialises
     replicas that start at once: the second waits, then finds everything recorded.
     """
-    conn: asyncpg.Connection = await asyncpg.connect(dsn)
+    conn = await database.connect(dsn)
     applied: list[str] = []
     try:
         done = await _applied(conn)

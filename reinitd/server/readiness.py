@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from reinitd.listener import EchoFailed, Listener
+from reinitd.errors import EchoFailed
+from reinitd.server.listener import Listener
 
 
 class Readiness:
@@ -14,12 +15,15 @@ class Readiness:
 
     def __init__(self, listener: Listener, *, timeout: float = 1.0, cache_for: float = 1.0) -> None:
         self._listener = listener
+        self.stopping = False  # set once, by the app's shutdown
         self.timeout = timeout
         self.cache_for = cache_for
         self._cached: tuple[float, list[str]] | None = None
         self._inflight: asyncio.Task[list[str]] | None = None
 
     async def check(self) -> list[str]:
+        if self.stopping:
+            return ["server is stopping"]
         now = time.monotonic()
         if self._cached is not None and now - self._cached[0] < self.cache_for:
             return self._cached[1]

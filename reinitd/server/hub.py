@@ -9,11 +9,11 @@ from typing import Final
 
 import structlog
 
-from reinitd import metrics
-from reinitd.claim import Deliver, Refuse, Verdict
-from reinitd.event import ReinitEvent
+from reinitd.server import metrics
+from reinitd.server.claim import Deliver, Refuse, Verdict
+from reinitd.wire import ReinitEvent
 
-log = structlog.get_logger("reinitd.hub")
+log = structlog.get_logger("reinitd.server.hub")
 
 
 class Ping:

@@ -1,0 +1,60 @@
+"""Connections to PostgreSQL: bounded connect times, and one-line descriptions of failures
+that name the server (never the password)."""
+
+from __future__ import annotations
+
+import urllib.parse
+from typing import Any, Final
+
+import asyncpg
+
+from reinitd.errors import DatabaseUnavailableError, ReinitdError
+
+# Failures a dead or unreachable database shows up as.
+CONNECTION_ERRORS: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+# A server that accepts TCP but never answers must not hold a start or a reconnect for long.
+CONNECT_TIMEOUT: Final = 10.0
+
+
+def where(dsn: str) -> str:
+    """`user@host:port/database` of a URL, without its password or parameters."""
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+        user = f"{parts.username}@" if parts.username else ""
+        return f"{user}{parts.netloc.rpartition('@')[2] or 'localhost'}{parts.path or '/'}"
+    except ValueError:
+        return "the configured database"
+
+
+def describe(exc: BaseException, dsn: str | None = None) -> str:
+    """One line for an operator: what failed, and where."""
+    at = f" at {where(dsn)}" if dsn else ""
+    if isinstance(exc, ReinitdError):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return f"PostgreSQL{at} did not answer within {CONNECT_TIMEOUT:g} s"
+    if isinstance(exc, OSError):
+        return f"cannot reach PostgreSQL{at}: {exc.strerror or exc}"
+    if isinstance(
+        exc, asyncpg.InvalidAuthorizationSpecificationError | asyncpg.InvalidPasswordError
+    ):
+        return f"PostgreSQL{at} refused the login: {exc}"
+    return f"PostgreSQL{at}: {type(exc).__name__}: {exc}".rstrip(": ")
+
+
+async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    """asyncpg.connect with a bounded wait; failures become DatabaseUnavailableError."""
+    try:
+        conn: asyncpg.Connection = await asyncpg.connect(
+            dsn, timeout=kwargs.pop("timeout", CONNECT_TIMEOUT), **kwargs
+        )
+    except ValueError as exc:  # asyncpg's word for a URL it cannot parse
+        raise DatabaseUnavailableError(f"invalid database URL {where(dsn)}: {exc}") from None
+    except CONNECTION_ERRORS as exc:
+        raise DatabaseUnavailableError(describe(exc, dsn)) from None
+    return conn

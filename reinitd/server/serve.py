@@ -1,0 +1,199 @@
+"""`reinitd serve` and `reinitd migrate`: from parsed settings to a running server, and back.
+
+Order of a start: bind the port (a port in use fails at once), start the embedded cluster
+when there is no database URL, apply missing migrations as the owner, then serve under the
+server's role. SIGINT, SIGTERM and SIGHUP ask for a clean stop; a second SIGINT cuts the
+wait short. Whatever happens, an embedded PostgreSQL started here is stopped on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from reinitd import log as logsetup
+from reinitd.errors import ReinitdError
+from reinitd.server import database, embedded
+from reinitd.server.access import AccessLogger
+from reinitd.server.app import create_app, server_options
+from reinitd.server.migration import migrate
+from reinitd.server.workers import run_workers
+from reinitd.settings import SERVE, Settings, serve_settings
+
+log = structlog.get_logger("reinitd.server.serve")
+
+EMBEDDED_DIR = Path(".reinitd")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stop:
+    """The process's signal policy, for its whole life: the first SIGINT, SIGTERM or SIGHUP
+    asks for a clean stop (waking the running event loop, if any); a second SIGINT raises
+    KeyboardInterrupt, which cuts a slow shutdown short (cleanup still runs)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._event: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.signal is None:
+            self.signal = signum
+            if self._loop is not None and self._event is not None:
+                self._loop.call_soon_threadsafe(self._event.set)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Stop]:
+        previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    async def wait(self) -> None:
+        self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
+        if self.signal is not None:
+            self._event.set()
+        try:
+            await self._event.wait()
+        finally:
+            self._loop = self._event = None
+
+
+def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
+    """The listening socket, before any other work: a port in use is the first error."""
+    try:
+        return socket.create_server(
+            (settings.host, settings.port),
+            family=socket.AF_INET6 if ":" in settings.host else socket.AF_INET,
+            backlog=settings.backlog,
+            reuse_port=reuse_port,
+        )
+    except OSError as exc:
+        raise ReinitdError(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+            + (" (another server is there: pick another --port)" if exc.errno == 98 else "")
+        ) from None
+
+
+async def run_server(settings: Settings, sock: socket.socket, stop: Stop) -> None:
+    """Serve on `sock` until asked to stop, then stop accepting, end open streams and exit."""
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log_class=AccessLogger,
+        shutdown_timeout=settings.shutdown_timeout,
+        **server_options(settings),
+    )
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock).start()
+        # Start-up objects live for the whole run: keep the collector from rescanning them.
+        gc.collect()
+        gc.freeze()
+        url = f"http://{settings.host}:{settings.port}"
+        log.info("server_started", url=url)
+        print(f"reinitd: serving on {url}", file=sys.stderr, flush=True)
+        await stop.wait()
+        log.info("server_stopping", signal=signal.Signals(stop.signal or signal.SIGTERM).name)
+    finally:
+        started = time.monotonic()
+        await runner.cleanup()
+        log.info("server_stopped", duration_s=round(time.monotonic() - started, 3))
+
+
+@contextlib.contextmanager
+def embedded_database(settings: Settings) -> Iterator[Settings]:
+    """With a database URL: the settings as they are. Without: an embedded cluster under
+    ./.reinitd/, stopped when the block ends, however it ends; the settings then migrate as
+    its owner and serve as its server role."""
+    if settings.database_url:
+        yield settings
+        return
+    root = EMBEDDED_DIR.resolve()
+    with embedded.exclusive(root):
+        print(f"reinitd: starting embedded PostgreSQL under ./{EMBEDDED_DIR}/ ...", file=sys.stderr)
+        cluster = embedded.ensure_cluster(root)
+        try:
+            owner = asyncio.run(cluster.ensure_database())
+            asyncio.run(migrate(owner))
+            server = asyncio.run(cluster.ensure_server_role())
+            (root / "database_url").write_text(owner + "\n")
+            print(f"reinitd: embedded PostgreSQL is ready:  psql '{owner}'", file=sys.stderr)
+            log.info("embedded_postgres_ready", dsn=owner, server_role=embedded.SERVER_ROLE)
+            yield replace(settings, database_url=server, migrate_database_url=owner)
+        finally:
+            cluster.stop()
+
+
+def _serve(settings: Settings, stop: Stop) -> int:
+    single = settings.workers == 1
+    sock = bind(settings, reuse_port=not single)
+    if not single:
+        sock.close()  # only a check: each worker binds its own socket (SO_REUSEPORT)
+    with embedded_database(settings) as ready:
+        if ready.migrate_database_url is None and stop.signal is None:
+            asyncio.run(migrate(ready.database_url))  # the embedded cluster's is done
+        if stop.signal is not None:
+            return 0
+        if single:
+            asyncio.run(run_server(ready, sock, stop))
+            return 0
+        return run_workers(ready, lambda: _worker(ready), stop)
+
+
+def _worker(settings: Settings) -> None:
+    """A worker's life, in its own process: a fresh signal policy, its own socket."""
+    with Stop().installed() as stop:
+        sock = bind(settings, reuse_port=True)
+        asyncio.run(run_server(settings, sock, stop))
+
+
+def main(command: str, values: dict[str, Any]) -> int:
+    logsetup.configure(values["log_level"], values["log_format"], sys.stdout)
+    with Stop().installed() as stop:
+        try:
+            if command == "migrate":
+                return _migrate(values)
+            settings = serve_settings(**{option.name: values[option.name] for option in SERVE})
+            code = _serve(settings, stop)
+        except KeyboardInterrupt:
+            print("reinitd: interrupted", file=sys.stderr)
+            return 130
+        except (ReinitdError, *database.CONNECTION_ERRORS) as exc:
+            if stop.signal is not None:
+                print("reinitd: interrupted", file=sys.stderr)
+                return 0
+            print(f"reinitd {command}: {database.describe(exc)}", file=sys.stderr)
+            return 1
+    print("reinitd: stopped", file=sys.stderr)
+    return code
+
+
+def _migrate(values: dict[str, Any]) -> int:
+    if not values["database_url"]:
+        print("reinitd migrate: --database-url (or DATABASE_URL) is required", file=sys.stderr)
+        return 2
+    applied = asyncio.run(migrate(values["database_url"]))
+    print(
+        f"reinitd: {len(applied)} migration(s) applied: {', '.join(applied) or 'none'}",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,90 @@
+"""`serve --workers N`: N forked server processes sharing the port, watched by the parent,
+which restarts a dead one (with backoff) and stops them all on the way out."""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import structlog
+
+from reinitd.backoff import backoff_delay
+
+if TYPE_CHECKING:
+    from multiprocessing.context import ForkProcess
+
+    from reinitd.server.serve import Stop
+    from reinitd.settings import Settings
+
+log = structlog.get_logger("reinitd.server.workers")
+
+# A worker that ran this long before dying starts its next life with a short delay again.
+STABLE_AFTER = 60.0
+
+
+class _Slot:
+    """One worker position: its current process, and how often it died in a row."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: ForkProcess | None = None
+        self.started = 0.0
+        self.deaths = 0
+        self.restart_at = 0.0
+
+
+def run_workers(settings: Settings, target: Callable[[], None], stop: Stop) -> int:
+    context = multiprocessing.get_context("fork")
+    slots = [_Slot(i) for i in range(settings.workers)]
+
+    def start(slot: _Slot) -> int | None:
+        process = context.Process(target=target, name=f"reinitd-worker-{slot.index}")
+        process.start()
+        slot.process, slot.started = process, time.monotonic()
+        return process.pid
+
+    log.info("workers_started", workers=len(slots), pids=[start(slot) for slot in slots])
+    while stop.signal is None:
+        now = time.monotonic()
+        for slot in slots:
+            if slot.process is None and now >= slot.restart_at:
+                log.info("worker_restarted", worker=slot.index, pid=start(slot))
+        alive = {s.process.sentinel: s for s in slots if s.process is not None}
+        for sentinel in multiprocessing.connection.wait(list(alive), timeout=0.5):
+            slot = alive[sentinel]  # type: ignore[index]
+            assert slot.process is not None
+            slot.process.join()
+            slot.deaths = 1 if time.monotonic() - slot.started > STABLE_AFTER else slot.deaths + 1
+            delay = backoff_delay(slot.deaths, 0.5, 30.0)
+            log.error(
+                "worker_died",
+                worker=slot.index,
+                pid=slot.process.pid,
+                exit_code=slot.process.exitcode,
+                restart_in_s=round(delay, 2),
+            )
+            slot.process, slot.restart_at = None, time.monotonic() + delay
+    return _stop_all(slots, settings.shutdown_timeout + 10)
+
+
+def _stop_all(slots: list[_Slot], grace: float) -> int:
+    running = [s.process for s in slots if s.process is not None]
+    for process in running:
+        if process.pid is not None and process.exitcode is None:
+            os.kill(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for process in running:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.exitcode is None:
+            log.error("worker_killed", pid=process.pid, after_s=grace)
+            process.kill()
+            process.join()
+    failed = [p.name for p in running if p.exitcode]
+    if failed:
+        log.error("workers_failed", workers=failed)
+    return 1 if failed else 0
