@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run psql test lint format bench clean
+.PHONY: install run psql test test-unit lint format bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ psql: $(STAMP)
 ## The whole test suite, against a PostgreSQL that the suite starts itself
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## The unit tier alone: no PostgreSQL, a few seconds
+test-unit: $(STAMP)
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check reinitd tests

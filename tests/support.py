@@ -1,4 +1,5 @@
-"""Test helpers: a strict SSE frame reader, SQL API shortcuts, bounded waits."""
+"""Test helpers for both tiers: a strict SSE frame reader, SQL API shortcuts, bounded waits,
+and starting reinitd apps and processes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import re
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,13 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 from prometheus_client import REGISTRY
 
-from reinitd.server.embedded import free_port
+from reinitd.server.embedded import Cluster, free_port
+from reinitd.server.hub import End
+from reinitd.server.keys import DOORBELL, HUB, READINESS
 from reinitd.wire import REINIT_PATH
 
 REINIT = REINIT_PATH
@@ -247,3 +252,68 @@ async def get_reinit(
         params={"wait": "true"} if wait else {},
         headers={"Coder-Session-Token": token},
     )
+
+
+ServerFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+async def open_stream(
+    client: TestClient[web.Request, web.Application],
+    token: str,
+    *,
+    wait: bool = True,
+    headers: dict[str, str] | None = None,
+) -> Stream:
+    """GET the reinit endpoint as an agent does and check the stream's headers."""
+    response = await client.get(
+        REINIT,
+        params={"wait": "true"} if wait else {},
+        headers={"Coder-Session-Token": token, **(headers or {})},
+    )
+    assert response.status == 200, await response.text()
+    assert response.headers["Content-Type"] == "text/event-stream"
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    return Stream(response)
+
+
+async def settle(client: TestClient[web.Request, web.Application]) -> None:
+    """Every NOTIFY committed before this call has reached the listener (its own probe NOTIFY,
+    committed later, came back) and has been read and applied by the doorbell."""
+    app = client.app
+    assert await app[READINESS].probe() == []
+    await asyncio.wait_for(app[DOORBELL].idle(), 10)
+
+
+async def assert_no_more_events(
+    client: TestClient[web.Request, web.Application], stream: Stream, workspace_id: object
+) -> None:
+    """Nothing but pings is left for the stream once every NOTIFY so far has been applied:
+    its subscription is ended and everything it still wrote is read to the end."""
+    await settle(client)
+    for sub in client.app[HUB].snapshot():
+        if sub.workspace_id == workspace_id:
+            sub.end(End("test"))
+    rest = await stream.closed()
+    frames = [parse_frame(raw + b"\n\n") for raw in rest.split(b"\n\n") if raw]
+    assert [frame.event for frame in frames] == ["ping"] * len(frames), rest
+
+
+async def login_role(
+    conn: asyncpg.Connection, postgres: Cluster, prefix: str, member_of: str | None = None
+) -> str:
+    """A new login role with a password (the embedded cluster requires one), optionally in a
+    group role; returns its URL for the `reinitd` database."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    password = uuid.uuid4().hex
+    statement = await conn.fetchval(
+        "SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', $1::text, $2::text)", name, password
+    )
+    await conn.execute(statement)
+    if member_of is not None:
+        await conn.execute(
+            await conn.fetchval(
+                "SELECT format('GRANT %I TO %I', $1::text, $2::text)", member_of, name
+            )
+        )
+    return f"postgresql://{name}:{password}@127.0.0.1:{postgres.port}/reinitd"

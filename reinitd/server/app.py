@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from reinitd.server import handler
 from reinitd.server.admission import Admission
+from reinitd.server.claim import read_verdicts
 from reinitd.server.database import CONNECT_TIMEOUT
 from reinitd.server.doorbell import CHANNEL, Doorbell
 from reinitd.server.hub import Hub
@@ -76,7 +78,10 @@ async def _pinger(hub: Hub, interval: float) -> None:
 async def _delivery(app: web.Application) -> AsyncIterator[None]:
     """The listener, the router behind it, the doorbell's batched reads and the pings."""
     settings, hub = app[SETTINGS], app[HUB]
-    doorbell = Doorbell(app[POOL], hub, resync_interval=settings.resync_interval)
+    pool = app[POOL]
+    doorbell = Doorbell(
+        functools.partial(read_verdicts, pool), hub, resync_interval=settings.resync_interval
+    )
     router = Router({CHANNEL: doorbell.on_payload})
     notifier = Notifier(settings.database_url, timeout=settings.probe_timeout)
     listener = Listener(

@@ -7,15 +7,15 @@ import itertools
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
-import asyncpg
 import structlog
 
 from reinitd.backoff import backoff_delay
 from reinitd.errors import PayloadError
 from reinitd.server import metrics
-from reinitd.server.claim import Deliver, Refuse, Verdict, read_verdicts
+from reinitd.server.claim import Deliver, Refuse, Verdict
 from reinitd.server.database import CONNECTION_ERRORS
 from reinitd.server.hub import Hub
 from reinitd.server.throttle import LogThrottle
@@ -29,6 +29,10 @@ MAX_PAYLOAD_BYTES: Final = 1024
 # Workspaces per batched read: doorbells, and a resync's steps between them.
 READ_CHUNK: Final = 5000
 RESYNC_CHUNK: Final = 1000
+
+# What the database says about some workspaces (reinitd.server.claim.read_verdicts on a pool,
+# or an in-memory fake in the unit tests).
+Read = Callable[[Sequence[uuid.UUID]], Awaitable[dict[uuid.UUID, Verdict]]]
 
 _OUTCOMES = {outcome: metrics.DOORBELLS.labels(outcome) for outcome in metrics.DOORBELL_OUTCOMES}
 
@@ -70,8 +74,8 @@ class Doorbell:
     The hub's `settle` applies each verdict.
     """
 
-    def __init__(self, pool: asyncpg.Pool, hub: Hub, *, resync_interval: float = 30.0) -> None:
-        self._pool = pool
+    def __init__(self, read: Read, hub: Hub, *, resync_interval: float = 30.0) -> None:
+        self._read_verdicts = read
         self._hub = hub
         self.resync_interval = resync_interval
         # Rung workspaces and when the first NOTIFY for each arrived (for the latency metric).
@@ -199,7 +203,7 @@ class Doorbell:
         if not ids:
             return
         started = time.monotonic()
-        verdicts = await read_verdicts(self._pool, ids)
+        verdicts = await self._read_verdicts(ids)
         metrics.READS.labels("ok").inc()
         metrics.READ_SECONDS.observe(time.monotonic() - started)
         for workspace_id, verdict in verdicts.items():

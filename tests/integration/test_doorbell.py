@@ -15,8 +15,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from reinitd.server.embedded import Cluster
-from tests.conftest import assert_no_more_events, login_role, open_stream, settle
-from tests.support import REINIT, Sql, sample
+from tests.support import (
+    REINIT,
+    Sql,
+    assert_no_more_events,
+    login_role,
+    open_stream,
+    sample,
+    settle,
+)
 
 Client = TestClient[web.Request, web.Application]
 

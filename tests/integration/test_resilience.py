@@ -24,9 +24,18 @@ from reinitd.server.embedded import Cluster
 from reinitd.server.keys import HUB, LISTENER
 from reinitd.server.listener import Listener, Notifier
 from reinitd.server.router import Router
-from tests.conftest import ServerFactory, open_stream
 from tests.proxy import TcpProxy
-from tests.support import REINIT, Sql, Stream, get_reinit, sample, server_process, until
+from tests.support import (
+    REINIT,
+    ServerFactory,
+    Sql,
+    Stream,
+    get_reinit,
+    open_stream,
+    sample,
+    server_process,
+    until,
+)
 
 Client = TestClient[web.Request, web.Application]
 

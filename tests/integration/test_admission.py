@@ -13,8 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from reinitd.server.keys import ADMISSION, HUB
-from tests.conftest import ServerFactory, open_stream
-from tests.support import REINIT, Sql, sample, until
+from tests.support import REINIT, ServerFactory, Sql, open_stream, sample, until
 
 Client = TestClient[web.Request, web.Application]
 

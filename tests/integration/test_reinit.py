@@ -13,8 +13,15 @@ from aiohttp.test_utils import TestClient
 from reinitd.server import metrics
 from reinitd.server.embedded import Cluster
 from reinitd.server.keys import ADMISSION
-from tests.conftest import ServerFactory, assert_no_more_events, open_stream
-from tests.support import REINIT, Agent, Sql, Stream
+from tests.support import (
+    REINIT,
+    Agent,
+    ServerFactory,
+    Sql,
+    Stream,
+    assert_no_more_events,
+    open_stream,
+)
 
 Client = TestClient[web.Request, web.Application]
 

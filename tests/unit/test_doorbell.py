@@ -1,0 +1,197 @@
+"""The doorbell's batching, ordering and retries, against an in-memory database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from reinitd.server.claim import PREBUILDS_USER_ID, Verdict, judge
+from reinitd.server.doorbell import Doorbell
+from reinitd.server.hub import Delivery, End, Hub, Subscription
+from reinitd.wire import ReinitEvent
+
+
+class FakeDatabase:
+    """Workspaces and their builds, in memory; records every batched read. `fail` makes the
+    next reads raise; `gate`, when set, holds every read until it is opened."""
+
+    def __init__(self) -> None:
+        self.rows: dict[uuid.UUID, dict[str, object]] = {}
+        self.reads: list[list[uuid.UUID]] = []
+        self.fail = 0
+        self.gate: asyncio.Event | None = None
+        self.reading = asyncio.Event()
+
+    def prebuild(self) -> uuid.UUID:
+        workspace_id = uuid.uuid4()
+        self.rows[workspace_id] = {
+            "workspace_id": workspace_id,
+            "owner_id": PREBUILDS_USER_ID,
+            "first_initiator_id": PREBUILDS_USER_ID,
+            "latest_stage": "prebuild",
+            "latest_status": "succeeded",
+            "latest_error": None,
+        }
+        return workspace_id
+
+    def claim(self, workspace_id: uuid.UUID, owner: uuid.UUID) -> None:
+        row = self.rows[workspace_id]
+        row.update(owner_id=owner, latest_stage="claim", latest_status="succeeded")
+
+    async def read(self, workspace_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Verdict]:
+        """Like PostgreSQL: the snapshot is taken when the read starts."""
+        self.reads.append(list(workspace_ids))
+        snapshot = {ws: judge(self.rows.get(ws)) for ws in workspace_ids}
+        self.reading.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionResetError("the database went away")
+        return snapshot
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[tuple[FakeDatabase, Hub, Doorbell]]:
+    database, hub = FakeDatabase(), Hub()
+    doorbell = Doorbell(database.read, hub, resync_interval=3600)
+    task = asyncio.create_task(doorbell.run())
+    try:
+        yield database, hub, doorbell
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def claims_of(sub: Subscription) -> list[uuid.UUID | None]:
+    """The owners of the claims queued on `sub`, without waiting."""
+    owners: list[uuid.UUID | None] = []
+    while (item := sub._take()) is not None:
+        if isinstance(item, Delivery):
+            owners.append(item.event.owner_id)
+    return owners
+
+
+async def test_doorbells_that_arrive_together_are_read_together(
+    world: tuple[FakeDatabase, Hub, Doorbell],
+) -> None:
+    """300 NOTIFYs handed over in one go (as one network read delivers them) make one read."""
+    database, hub, doorbell = world
+    workspaces = [database.prebuild() for _ in range(300)]
+    owner = uuid.uuid4()
+    with contextlib.ExitStack() as stack:
+        subs = [stack.enter_context(hub.subscribe(ws, wait=True)) for ws in workspaces]
+        for workspace_id in workspaces:
+            database.claim(workspace_id, owner)
+            doorbell.on_payload(str(workspace_id), 1.0)
+        await asyncio.wait_for(doorbell.idle(), 5)
+        assert len(database.reads) == 1
+        assert sorted(database.reads[0]) == sorted(workspaces)
+        assert all(claims_of(sub) == [owner] for sub in subs)
+
+
+async def test_a_doorbell_rung_during_its_read_is_read_again(
+    world: tuple[FakeDatabase, Hub, Doorbell],
+) -> None:
+    """A forged doorbell's read is in flight when the real claim commits and rings: the read's
+    snapshot predates the claim, so the second ring must cause a second read."""
+    database, hub, doorbell = world
+    workspace_id = database.prebuild()
+    with hub.subscribe(workspace_id, wait=True) as sub:
+        database.gate = asyncio.Event()
+        doorbell.ring(workspace_id)  # the forgery: its read takes a snapshot, then stalls
+        await asyncio.wait_for(database.reading.wait(), 5)
+        owner = uuid.uuid4()
+        database.claim(workspace_id, owner)  # the real claim commits...
+        doorbell.ring(workspace_id)  # ...and rings while the first read is in flight
+        database.gate.set()  # the first read answers from its snapshot: no claim yet
+        await asyncio.wait_for(doorbell.idle(), 5)
+        assert len(database.reads) == 2
+        assert claims_of(sub) == [owner]
+
+
+async def test_a_failed_read_keeps_its_doorbells(
+    world: tuple[FakeDatabase, Hub, Doorbell],
+) -> None:
+    """Reads that fail (the database is away) are retried with the same doorbells, and the
+    claim is delivered once the database answers."""
+    database, hub, doorbell = world
+    workspace_id = database.prebuild()
+    owner = uuid.uuid4()
+    database.claim(workspace_id, owner)
+    database.fail = 2
+    with hub.subscribe(workspace_id, wait=True) as sub:
+        doorbell.ring(workspace_id)
+        await asyncio.wait_for(doorbell.idle(), 10)
+        assert database.reads == [[workspace_id]] * 3
+        assert claims_of(sub) == [owner]
+
+
+async def test_doorbells_go_before_a_long_resync(
+    world: tuple[FakeDatabase, Hub, Doorbell],
+) -> None:
+    """A resync of 3 500 waiting workspaces is read in chunks; a doorbell rung meanwhile is read
+    right after the chunk in flight, not after the whole resync."""
+    database, hub, doorbell = world
+    waiting = [database.prebuild() for _ in range(3500)]
+    claimed = database.prebuild()
+    with contextlib.ExitStack() as stack:
+        for workspace_id in [*waiting, claimed]:
+            stack.enter_context(hub.subscribe(workspace_id, wait=True))
+        database.gate = asyncio.Event()
+        doorbell.ring_all()
+        await asyncio.wait_for(database.reading.wait(), 5)
+        doorbell.ring(claimed)
+        database.gate.set()
+        await asyncio.wait_for(doorbell.idle(), 5)
+        assert [len(read) for read in database.reads] == [1000, 1, 1000, 1000, 501]
+        assert database.reads[1] == [claimed]
+
+
+async def test_only_workspaces_with_streams_here_are_read(
+    world: tuple[FakeDatabase, Hub, Doorbell],
+) -> None:
+    """A doorbell for a workspace nobody here waits on costs no read; garbage costs nothing."""
+    database, hub, doorbell = world
+    for payload in (str(uuid.uuid4()), "garbage", '{"workspace_id": 7}'):
+        doorbell.on_payload(payload, 0.0)
+    await asyncio.wait_for(doorbell.idle(), 5)
+    assert database.reads == []
+    assert len(hub) == 0
+
+
+async def test_a_resync_reaches_only_streams_with_wait(
+    world: tuple[FakeDatabase, Hub, Doorbell],
+) -> None:
+    """After a reconnect the resync delivers a claim to wait=true streams; streams without wait
+    are never pre-seeded (older agents would loop)."""
+    database, hub, doorbell = world
+    workspace_id = database.prebuild()
+    owner = uuid.uuid4()
+    database.claim(workspace_id, owner)
+    with (
+        hub.subscribe(workspace_id, wait=True) as waiting,
+        hub.subscribe(workspace_id, wait=False) as legacy,
+    ):
+        doorbell.ring_all()
+        await asyncio.wait_for(doorbell.idle(), 5)
+        assert claims_of(waiting) == [owner]
+        assert claims_of(legacy) == []
+        legacy.end(End("test"))
+        assert legacy._take() == End("test")
+
+
+def test_the_fake_judges_like_the_real_rules() -> None:
+    """The fake's rows go through the real rule table, so its verdicts are the server's."""
+    database = FakeDatabase()
+    workspace_id = database.prebuild()
+    owner = uuid.uuid4()
+    database.claim(workspace_id, owner)
+    verdict = asyncio.run(database.read([workspace_id]))[workspace_id]
+    assert verdict == judge(database.rows[workspace_id])
+    assert getattr(verdict, "event", None) == ReinitEvent(workspace_id, owner_id=owner)
