@@ -210,6 +210,16 @@ SERVE: tuple[Option, ...] = (
         metavar="N",
     ),
     Option(
+        "max_connections",
+        "REINITD_MAX_CONNECTIONS",
+        None,
+        "client connections per process; beyond it the one idle the longest is closed to make "
+        "room (or, with none idle, the new one); unset: the open-file limit minus room for "
+        "the database connections and one accept burst",
+        positive_integer,
+        metavar="N",
+    ),
+    Option(
         "header_timeout",
         "REINITD_HEADER_TIMEOUT",
         30.0,
@@ -332,11 +342,14 @@ class Settings:
     max_streams: int
     max_streams_per_agent: int
     header_timeout: float
+    max_connections: int | None
     workers: int
     shutdown_timeout: float
     log_level: str
     log_format: str
     probe_timeout: float = 2.0
+    # A connection that sends nothing at all for this long is closed (an idle-socket flood).
+    first_byte_timeout: float = 10.0
     queue_limit: int = 16
     pool_min_size: int = 2
     pool_max_size: int = 10

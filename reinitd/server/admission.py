@@ -15,6 +15,7 @@ import structlog
 from reinitd.errors import ApiError
 from reinitd.server import metrics
 from reinitd.server.claim import WAIT, Verdict, read_verdicts
+from reinitd.server.database import uncancelled
 from reinitd.server.hub import Hub, Subscription
 from reinitd.server.query import QUERIES
 
@@ -103,7 +104,7 @@ class Admission:
         subscription, or by both (a stream delivers a claim once)."""
         with self._process_slot(), contextlib.ExitStack() as held:
             async with self._pool.acquire() as conn:
-                agent = await conn.fetchrow(QUERIES["agent_by_token_hash"], token_hash)
+                agent = await uncancelled(conn.fetchrow(QUERIES["agent_by_token_hash"], token_hash))
                 if agent is None:
                     raise ApiError(
                         401,
@@ -121,7 +122,8 @@ class Admission:
                     if self.before_read is not None:
                         await self.before_read(workspace_id)
                     started = time.perf_counter()
-                    verdict = (await read_verdicts(conn, [workspace_id]))[workspace_id]
+                    verdicts = await uncancelled(read_verdicts(conn, [workspace_id]))
+                    verdict = verdicts[workspace_id]
                     metrics.DURABLE_CHECK_SECONDS.observe(time.perf_counter() - started)
             # The pooled connection is back before the (long) stream begins.
             yield Ticket(agent_id, sub, verdict)

@@ -14,6 +14,7 @@ from aiohttp import web
 from reinitd.server import handler
 from reinitd.server.admission import Admission
 from reinitd.server.claim import read_verdicts
+from reinitd.server.connection import Runner, connection_budget
 from reinitd.server.database import CONNECT_TIMEOUT
 from reinitd.server.doorbell import CHANNEL, Doorbell
 from reinitd.server.hub import Hub
@@ -120,9 +121,27 @@ async def _on_shutdown(app: web.Application) -> None:
     app[HUB].end_all("shutdown")
 
 
+def make_runner(app: web.Application, settings: Settings, **kwargs: Any) -> Runner:
+    """The runner `serve` and the tests use: aiohttp's, with the connection budget."""
+    budget = settings.max_connections or connection_budget(settings.pool_max_size)
+    options = {
+        "handle_signals": False,
+        "shutdown_timeout": settings.shutdown_timeout,
+        **server_options(settings),
+        **kwargs,
+    }
+    return Runner(
+        app,
+        budget=budget,
+        first_byte_timeout=settings.first_byte_timeout,
+        refusals=app[REFUSALS],
+        **options,
+    )
+
+
 def server_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for the aiohttp server (AppRunner or TestServer): cancellation on
-    disconnect, request size limits, and the time a client has to finish its headers."""
+    """Keyword arguments for aiohttp's server: cancellation on disconnect, request size
+    limits, and the time a client has to finish its headers."""
     return {
         # An agent that hangs up ends its handler at once (its stream slot and queue freed),
         # not at the next ping.

@@ -3,8 +3,12 @@ that name the server (never the password)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import urllib.parse
-from typing import Any, Final
+from collections.abc import Awaitable
+from typing import Any, Final, TypeVar
 
 import asyncpg
 
@@ -58,3 +62,35 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
     except CONNECTION_ERRORS as exc:
         raise DatabaseUnavailableError(describe(exc, dsn)) from None
     return conn
+
+
+T = TypeVar("T")
+
+
+async def uncancelled(call: Awaitable[T]) -> T:
+    """Let a query finish even if the request awaiting it is cancelled (its client hung up):
+    cancelling a query mid-flight makes asyncpg open a new connection to send PostgreSQL a
+    cancel request (a fork in the postmaster), so a storm of hang-ups would become a storm of
+    those, and the pooled connection would come back in doubt. The cancellation is delivered
+    once the query is done."""
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
+
+
+class AsyncpgNoise(logging.Filter):
+    """asyncpg's TLS probe (`sslmode=prefer`, its default) leaves a future nobody reads when
+    a connection attempt is cancelled, and asyncio reports it at ERROR when it is collected:
+    `Future exception was never retrieved ... unexpected connection_lost() call`. It is no
+    failure of ours and says nothing an operator can act on: drop it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "unexpected connection_lost() call" not in record.getMessage()
+
+
+def quiet_asyncpg_noise() -> None:
+    logging.getLogger("asyncio").addFilter(AsyncpgNoise())

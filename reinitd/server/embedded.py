@@ -178,9 +178,11 @@ class Cluster:
         return self.root / "pgpass"
 
     def dsn(self, database: str = "postgres", user: str = SUPERUSER, port: int = 0) -> str:
-        """A URL that libpq and asyncpg both understand; the password stays in the passfile."""
+        """A URL that libpq and asyncpg both understand; the password stays in the passfile,
+        and no TLS is tried (loopback only: the cluster has no certificate)."""
         passfile = quote(str(self.passfile.resolve()), safe="/")
-        return f"postgresql://{user}@127.0.0.1:{port or self.port}/{database}?passfile={passfile}"
+        where = f"127.0.0.1:{port or self.port}/{database}"
+        return f"postgresql://{user}@{where}?passfile={passfile}&sslmode=disable"
 
     def _passwords(self) -> dict[str, str]:
         passwords = {}

@@ -107,16 +107,26 @@ async def reinit(request: web.Request) -> web.StreamResponse:
             sub.offer(Delivery(verdict.event, "seeded"))
         open_streams = _OPEN_STREAMS[wait]
         open_streams.inc()
-        log.info("agent_waiting", wait=wait, mode="sse" if poll_timeout is None else "json")
+        mode = "sse" if poll_timeout is None else "json"
+        log.info("agent_waiting", wait=wait, mode=mode)
+        started = time.monotonic()
         try:
             if poll_timeout is not None:
                 return await _long_poll(sub, poll_timeout)
             return await _stream(request, sub)
         finally:
             open_streams.dec()
+            log.info(
+                "stream_ended",
+                reason=sub.ended_by,
+                events=sub.delivered,
+                duration_s=round(time.monotonic() - started, 3),
+                mode=mode,
+            )
 
 
-def _delivered(delivery: Delivery) -> None:
+def _delivered(sub: Subscription, delivery: Delivery) -> None:
+    sub.delivered += 1
     _DELIVERED_BY_PATH[delivery.source].inc()
     if delivery.received_at:
         metrics.NOTIFY_TO_WRITE_SECONDS.observe(time.monotonic() - delivery.received_at)
@@ -129,9 +139,11 @@ async def _long_poll(sub: Subscription, seconds: float) -> web.Response:
             while True:
                 item = await sub.next()
                 if isinstance(item, Delivery):
-                    _delivered(item)
+                    _delivered(sub, item)
+                    sub.ended_by = "delivered"
                     return web.Response(text=item.event.to_json(), content_type="application/json")
                 if isinstance(item, End):
+                    sub.ended_by = item.why
                     if item.refusal is not None:
                         raise ApiError(
                             409, item.refusal.message, item.refusal.detail, reason="not_waiting"
@@ -144,6 +156,7 @@ async def _long_poll(sub: Subscription, seconds: float) -> web.Response:
                         headers={"Retry-After": "1"},
                     )
     except TimeoutError:
+        sub.ended_by = "timeout"
         return web.Response(status=204)
 
 
@@ -164,12 +177,12 @@ async def _stream(request: web.Request, sub: Subscription) -> web.StreamResponse
     while True:
         item = await sub.next()
         if isinstance(item, End):
+            sub.ended_by = item.why
             frame = (
                 None
                 if item.refusal is None
                 else error_frame(item.refusal.message, item.refusal.detail)
             )
-            log.info("stream_ended", why=item.why)
         else:
             frame = item.event.frame() if isinstance(item, Delivery) else PING_FRAME
         if frame is not None:
@@ -181,14 +194,16 @@ async def _stream(request: web.Request, sub: Subscription) -> web.StreamResponse
                         await response.write(frame)
             except TimeoutError:
                 metrics.STALLED_CLIENTS.inc()
+                sub.ended_by = "stalled"
                 log.warning("client_stalled", write_timeout_s=write_timeout)
                 if request.transport is not None:
                     request.transport.abort()
                 return response
             except ConnectionError:
+                sub.ended_by = "client_gone"
                 return response  # the agent hung up; it will reconnect
         if isinstance(item, Delivery):
-            _delivered(item)
+            _delivered(sub, item)
         elif isinstance(item, End):
             return response
 

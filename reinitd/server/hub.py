@@ -54,7 +54,18 @@ class Subscription:
     """
 
     # Tens of thousands are alive at once: slots, and containers only once needed.
-    __slots__ = ("_end", "_events", "_hub", "_ping", "_seen", "_waiter", "wait", "workspace_id")
+    __slots__ = (
+        "_end",
+        "_events",
+        "_hub",
+        "_ping",
+        "_seen",
+        "_waiter",
+        "delivered",
+        "ended_by",
+        "wait",
+        "workspace_id",
+    )
 
     def __init__(self, hub: Hub, workspace_id: uuid.UUID, *, wait: bool) -> None:
         self._hub = hub
@@ -65,6 +76,9 @@ class Subscription:
         self._waiter: asyncio.Future[None] | None = None
         self._ping = False
         self._end: End | None = None
+        # Kept by the request's handler, for its `stream_ended` line.
+        self.delivered = 0
+        self.ended_by = "client_gone"
 
     def __enter__(self) -> Subscription:
         return self

@@ -198,7 +198,8 @@ class Listener:
                 )
                 await asyncio.sleep(delay)
                 continue
-            reconnect_attempt, was_down_since = attempt, down_since
+            # The attempt that succeeded: the failed ones so far, plus this one.
+            reconnect_attempt, was_down_since = attempt + 1, down_since
             attempt, down_since = 0, None
             try:
                 await self._serve(conn, reconnect_attempt, was_down_since)
@@ -211,8 +212,7 @@ class Listener:
                 self._set_connection(None)
                 conn.terminate()
             down_since = time.monotonic()
-            attempt = 1
-            await asyncio.sleep(backoff_delay(attempt, self.backoff_floor, self.backoff_ceiling))
+            await asyncio.sleep(backoff_delay(1, self.backoff_floor, self.backoff_ceiling))
 
     async def _serve(
         self, conn: asyncpg.Connection, attempt: int, down_since: float | None

@@ -84,6 +84,22 @@ REFUSALS = Counter(
     "reinitd_refusals_total", "Requests refused, by reason (auth, limits, conflicts)", ["reason"]
 )
 
+CLOSE_REASONS = ("evicted", "shed", "silent")
+CONNECTIONS = Gauge("reinitd_connections", "Open client connections")
+CONNECTIONS_CLOSED = Counter(
+    "reinitd_connections_closed_total",
+    "Client connections closed by the connection budget: evicted (the oldest idle one, to make "
+    "room), shed (a new one, with none idle), silent (no byte before the first-byte deadline)",
+    ["reason"],
+)
+ACCEPT_ERRORS = Counter(
+    "reinitd_accept_errors_total", "Connections the kernel could not hand over (out of files)"
+)
+CLIENT_GONE = Counter(
+    "reinitd_client_gone_total",
+    "Requests whose client hung up before the answer could be sent (answered 499 in the log)",
+)
+
 # Every labelled series exists from the start, at 0, so that alert rules have something to
 # evaluate before the first occurrence.
 for _outcome in DOORBELL_OUTCOMES:
@@ -94,9 +110,11 @@ for _kind in ("too_long", "bad_json", "bad_uuid"):
     PAYLOADS_INVALID.labels(_kind)
 for _path in ("seeded", "notify", "resync"):
     EVENTS_DELIVERED.labels(_path)
+for _reason in CLOSE_REASONS:
+    CONNECTIONS_CLOSED.labels(_reason)
 for _wait in ("true", "false"):
     OPEN_STREAMS.labels(_wait)
-for _status in ("200", "204", "400", "401", "404", "405", "409", "429", "500", "503"):
+for _status in ("200", "204", "400", "401", "404", "405", "409", "429", "499", "500", "503"):
     RESPONSES.labels(_status)
 for _reason in (
     "no_token",
@@ -107,5 +125,7 @@ for _reason in (
     "agent_stream_limit",
     "server_full",
     "wait_ended",
+    "bad_request",
+    "database_unavailable",
 ):
     REFUSALS.labels(_reason)

@@ -10,8 +10,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from reinitd.errors import ApiError
-from reinitd.server import metrics
+from reinitd.server import database, metrics
+from reinitd.server.database import CONNECTION_ERRORS
 from reinitd.server.keys import REFUSALS
+from reinitd.server.throttle import LogThrottle
 
 log = structlog.get_logger("reinitd.http")
 
@@ -45,10 +47,41 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         if exc.status == 405:
             response.headers["Allow"] = exc.headers.get("Allow", "")
         request.app[REFUSALS].refuse(f"http_{exc.status}", exc.status, request.path[:200])
-    except Exception:
-        log.exception("request_failed")
-        response = _json_error(500, "Internal server error.", f"Request id {request_id}.")
+    except Exception as exc:
+        response = _failure(request, exc, request_id)
     return response
+
+
+_database_down = LogThrottle()
+
+
+def _failure(request: web.Request, exc: Exception, request_id: str) -> web.Response:
+    """What an unexpected exception means: the client left (499, nothing to send), the
+    database is away (503, retry), or a bug (500, logged with its traceback)."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        # The agent hung up before its answer: not a server error, and nothing to answer.
+        metrics.CLIENT_GONE.inc()
+        log.debug("client_gone", error=type(exc).__name__)
+        return web.Response(status=499)
+    if isinstance(exc, CONNECTION_ERRORS):
+        suppressed = _database_down.allow("database")
+        if suppressed is not None:
+            log.warning(
+                "database_unavailable",
+                error=database.describe(exc),
+                suppressed=suppressed,
+            )
+        request.app[REFUSALS].refuse("database_unavailable", 503, type(exc).__name__)
+        response = _json_error(
+            503,
+            "Service unavailable.",
+            "The database does not answer; retry shortly (open streams are kept).",
+        )
+        response.headers["Retry-After"] = "5"
+        return response
+    log.exception("request_failed")
+    return _json_error(500, "Internal server error.", f"Request id {request_id}.")
 
 
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:

@@ -28,7 +28,8 @@ from reinitd import log as logsetup
 from reinitd.errors import ReinitdError
 from reinitd.server import database, embedded
 from reinitd.server.access import AccessLogger
-from reinitd.server.app import create_app, server_options
+from reinitd.server.app import create_app, make_runner
+from reinitd.server.connection import ACCEPT_BATCH, AcceptErrors, connection_budget
 from reinitd.server.migration import migrate
 from reinitd.server.workers import run_workers
 from reinitd.settings import SERVE, Settings, serve_settings
@@ -94,17 +95,15 @@ def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
 
 async def run_server(settings: Settings, sock: socket.socket, stop: Stop) -> None:
     """Serve on `sock` until asked to stop, then stop accepting, end open streams and exit."""
+    asyncio.get_running_loop().set_exception_handler(AcceptErrors())
     app = create_app(settings)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log_class=AccessLogger,
-        shutdown_timeout=settings.shutdown_timeout,
-        **server_options(settings),
-    )
+    runner = make_runner(app, settings, access_log_class=AccessLogger)
     await runner.setup()
     try:
-        await web.SockSite(runner, sock).start()
+        # asyncio accepts up to `backlog` connections per loop iteration: a short burst keeps
+        # the connection budget exact; the kernel's queue stays deep.
+        await web.SockSite(runner, sock, backlog=ACCEPT_BATCH).start()
+        sock.listen(settings.backlog)
         # Start-up objects live for the whole run: keep the collector from rescanning them.
         gc.collect()
         gc.freeze()
@@ -143,7 +142,25 @@ def embedded_database(settings: Settings) -> Iterator[Settings]:
             cluster.stop()
 
 
+def within_budget(settings: Settings) -> Settings:
+    """The connection budget made explicit, and the stream cap kept under it (an agent is then
+    refused with a 503 it understands, before the budget has to shed connections)."""
+    budget = settings.max_connections or connection_budget(settings.pool_max_size)
+    max_streams = min(settings.max_streams, budget * 9 // 10)
+    if max_streams < settings.max_streams:
+        log.warning(
+            "max_streams_lowered",
+            max_streams=max_streams,
+            asked=settings.max_streams,
+            connection_budget=budget,
+            hint="raise the open-file limit (ulimit -n) to hold more streams",
+        )
+    log.info("connection_budget", connections=budget, max_streams=max_streams)
+    return replace(settings, max_connections=budget, max_streams=max_streams)
+
+
 def _serve(settings: Settings, stop: Stop) -> int:
+    settings = within_budget(settings)
     single = settings.workers == 1
     sock = bind(settings, reuse_port=not single)
     if not single:
@@ -168,6 +185,7 @@ def _worker(settings: Settings) -> None:
 
 def main(command: str, values: dict[str, Any]) -> int:
     logsetup.configure(values["log_level"], values["log_format"], sys.stdout)
+    database.quiet_asyncpg_noise()
     with Stop().installed() as stop:
         try:
             if command == "migrate":

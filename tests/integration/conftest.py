@@ -16,12 +16,13 @@ import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 
-from reinitd.server.app import create_app, server_options
+from reinitd.server.app import create_app, make_runner
 from reinitd.server.embedded import Cluster, ensure_cluster
 from reinitd.server.keys import LISTENER
 from reinitd.server.migration import migrate
-from reinitd.settings import serve_settings
+from reinitd.settings import Settings, serve_settings
 from tests.support import ServerFactory, Sql
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -65,6 +66,17 @@ def sql(conn: asyncpg.Connection) -> Sql:
     return Sql(conn)
 
 
+class GuardedTestServer(TestServer):
+    """aiohttp's TestServer, serving through reinitd's own runner (the connection budget)."""
+
+    def __init__(self, app: web.Application, settings: Settings) -> None:
+        super().__init__(app)
+        self.settings = settings
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return make_runner(self.app, self.settings, **kwargs)
+
+
 @pytest.fixture
 def make_server(aiohttp_client: ClientFactory, database_url: str) -> ServerFactory:
     """Start a reinitd app on a free port; keyword arguments override Settings fields."""
@@ -74,12 +86,8 @@ def make_server(aiohttp_client: ClientFactory, database_url: str) -> ServerFacto
             **{"database_url": database_url, "probe_interval": 0.5, "write_timeout": 2.0}
             | overrides
         )
-        server = TestServer(create_app(settings))
-        # TestServer takes the server's options here (not in its constructor), and always
-        # sets handler_cancellation=True itself, as reinitd does.
-        options = server_options(settings)
-        assert options.pop("handler_cancellation") is True
-        await server.start_server(**options)
+        server = GuardedTestServer(create_app(settings), settings)
+        await server.start_server()
         # No connection limit: tests hold hundreds of streams open at once.
         client = await aiohttp_client(server, connector=aiohttp.TCPConnector(limit=0))
         await asyncio.wait_for(client.app[LISTENER].wait_connected(), 10)

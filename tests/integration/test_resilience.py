@@ -373,3 +373,40 @@ async def test_a_deaf_listener_is_replaced(database_url: str, conn: asyncpg.Conn
     assert deaf
     assert deaf[0]["log_level"] == "error"
     assert "PgBouncer" in deaf[0]["hint"]
+
+
+async def test_while_the_database_is_away_requests_get_503_and_streams_keep_pinging(
+    make_server: ServerFactory, proxy: TcpProxy, sql: Sql
+) -> None:
+    """Everything goes through a proxy that then refuses: new requests get 503 JSON with
+    Retry-After (no 500, one log line for many requests), an open stream keeps its pings, and
+    a claim made during the outage reaches it once the database is back."""
+    client = await make_server(
+        database_url=proxy.url, listen_database_url=proxy.url, ping_interval=0.2
+    )
+    agent = await sql.prebuild()
+    stream = await open_stream(client, agent.token)
+    proxy.refuse = True
+    proxy.drop_all()
+    await until(lambda: not client.app[LISTENER].connected)
+    with structlog.testing.capture_logs() as logs:
+        answers = [
+            await client.get(
+                REINIT, params={"wait": "true"}, headers={"Coder-Session-Token": agent.token}
+            )
+            for _ in range(10)
+        ]
+    assert {answer.status for answer in answers} == {503}
+    assert all(answer.headers["Retry-After"] == "5" for answer in answers)
+    assert (await answers[0].json())["message"] == "Service unavailable."
+    assert [entry["event"] for entry in logs].count("database_unavailable") == 1
+    assert not any(
+        entry["log_level"] == "error" and entry["event"] == "request_failed" for entry in logs
+    )
+    for _ in range(2):
+        assert (await stream.frame(timeout=5)).event == "ping"
+    owner = await sql.user()
+    await sql.claim(agent.workspace_id, owner)  # its NOTIFY is lost: nobody listens
+    proxy.refuse = False
+    frame = await stream.event(timeout=15)  # the resync after the reconnect finds it
+    assert frame.data == claimed(agent.workspace_id, owner)

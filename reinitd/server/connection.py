@@ -1,0 +1,225 @@
+"""Connections: a budget below the file limit, a first-byte deadline, and requests the HTTP
+parser rejects answered as JSON without a byte of them in any log.
+
+A flood of idle sockets must never silence `/healthz`, `/readyz` or the open streams: at the
+budget, the connection that has been idle the longest (connected, but not in a request) is
+closed to make room; with none idle, the new one is shed. Either way it is counted, cheaply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import resource
+from typing import Any, Final
+
+import structlog
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from reinitd.server import metrics
+from reinitd.server.refusal import Refusals
+from reinitd.server.throttle import LogThrottle
+
+log = structlog.get_logger("reinitd.server.connection")
+
+# Files kept for everything that is not a client: the database pool, the listener and the
+# notifier, logs, the event loop's own; plus the connections one accept burst may take
+# before the budget is checked (asyncio accepts up to ACCEPT_BATCH per loop iteration).
+RESERVED_FILES: Final = 128
+ACCEPT_BATCH: Final = 256
+
+_SHED = {reason: metrics.CONNECTIONS_CLOSED.labels(reason) for reason in metrics.CLOSE_REASONS}
+
+
+def file_limit() -> int:
+    """This process's open-file limit, raised to the hard limit first (the soft one is often
+    set low by default, and a stream costs one file)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_budget(pool_size: int) -> int:
+    """How many client connections this process may hold at once."""
+    return max(16, file_limit() - RESERVED_FILES - ACCEPT_BATCH - pool_size)
+
+
+class GuardedHandler(RequestHandler):
+    """aiohttp's per-connection protocol, plus: whether the client sent anything yet, and
+    parser errors answered as JSON, counted, and logged without the request's bytes."""
+
+    # aiohttp's RequestHandler declares __slots__; so does its subclass.
+    __slots__ = ("spoke",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spoke = False
+
+    def data_received(self, data: bytes) -> None:
+        self.spoke = True
+        super().data_received(data)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's hook for requests it cannot hand to the app (a malformed request line or
+        header, an oversized one): its own version logs the offending bytes, tokens included."""
+        server = self._manager
+        kind = type(exc).__name__ if exc is not None else "unknown"
+        if isinstance(server, GuardedServer):
+            server.refusals.refuse("bad_request" if status < 500 else "server_error", status, kind)
+        if request.writer.output_size > 0:  # a response is half written: only closing is left
+            raise ConnectionError("the response is already being sent")
+        if status >= 500:
+            text = "Internal server error."
+            detail = "The request failed before it reached reinitd."
+        else:
+            text = "Bad request."
+            detail = f"The HTTP request could not be parsed ({kind})."
+        response = web.json_response({"message": text, "detail": detail}, status=status)
+        response.force_close()
+        return response
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        """aiohttp's other error lines may quote request bytes: say only what kind it was."""
+        exc = kwargs.get("exc_info")
+        kind = type(exc).__name__ if isinstance(exc, BaseException) else "unknown"
+        server = self._manager
+        if isinstance(server, GuardedServer) and server.http_errors.allow(kind) is None:
+            return
+        log.error("http_error", kind=kind)
+
+
+class GuardedServer(web.Server):
+    """aiohttp's server (the protocol factory and connection registry) with a budget."""
+
+    budget: int
+    first_byte_timeout: float
+    refusals: Refusals
+    http_errors: LogThrottle
+    _idle: collections.OrderedDict[RequestHandler, None]
+
+    @classmethod
+    def adopt(
+        cls, server: web.Server, *, budget: int, first_byte_timeout: float, refusals: Refusals
+    ) -> GuardedServer:
+        """Turn the Server aiohttp built into a GuardedServer: AppRunner builds it in a private
+        method with no hook for its class, and adopting it keeps all the rest aiohttp's."""
+        server.__class__ = cls
+        assert isinstance(server, GuardedServer)
+        server.budget = budget
+        server.first_byte_timeout = first_byte_timeout
+        server.refusals = refusals
+        server.http_errors = LogThrottle()
+        # Connections not in a request right now, oldest first: the ones to close at the budget.
+        server._idle = collections.OrderedDict()
+        app_handler = server.request_handler
+
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            protocol = request.protocol
+            server._idle.pop(protocol, None)
+            try:
+                return await app_handler(request)
+            finally:
+                if protocol.transport is not None and not protocol.transport.is_closing():
+                    server._idle[protocol] = None
+
+        server.request_handler = handle
+        return server
+
+    def __call__(self) -> RequestHandler:
+        return GuardedHandler(self, loop=self._loop, **self._kwargs)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self._idle[handler] = None
+        if len(self._connections) > self.budget:
+            self._make_room(handler, transport)
+        else:
+            self._loop.call_later(self.first_byte_timeout, self._first_byte_due, handler)
+        metrics.CONNECTIONS.set(len(self._connections))
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        self._idle.pop(handler, None)
+        super().connection_lost(handler, exc)
+        metrics.CONNECTIONS.set(len(self._connections))
+
+    def _make_room(self, newcomer: RequestHandler, transport: asyncio.Transport) -> None:
+        """At the budget: close the connection idle the longest; if the only idle one is the
+        newcomer itself, shed it."""
+        oldest = next(iter(self._idle))
+        if oldest is newcomer:
+            _SHED["shed"].inc()
+            self._idle.pop(newcomer)
+            transport.abort()
+            return
+        _SHED["evicted"].inc()
+        self._idle.pop(oldest)
+        if oldest.transport is not None:
+            oldest.transport.abort()
+        self._loop.call_later(self.first_byte_timeout, self._first_byte_due, newcomer)
+
+    def _first_byte_due(self, handler: RequestHandler) -> None:
+        if (
+            isinstance(handler, GuardedHandler)
+            and not handler.spoke
+            and handler.transport is not None
+        ):
+            _SHED["silent"].inc()
+            handler.transport.abort()
+
+
+class Runner(web.AppRunner):
+    """The AppRunner reinitd serves with (and tests run): its Server is a GuardedServer."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        budget: int,
+        first_byte_timeout: float,
+        refusals: Refusals,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self.budget = budget
+        self.first_byte_timeout = first_byte_timeout
+        self.refusals = refusals
+
+    async def _make_server(self) -> web.Server:
+        return GuardedServer.adopt(
+            await super()._make_server(),
+            budget=self.budget,
+            first_byte_timeout=self.first_byte_timeout,
+            refusals=self.refusals,
+        )
+
+
+class AcceptErrors:
+    """The event loop's exception handler for accept failures: when the process runs out of
+    files, asyncio reports every retry; say it once per interval, with the count."""
+
+    MESSAGE: Final = "socket.accept() out of system resource"
+
+    def __init__(self, every: float = 10.0) -> None:
+        self._throttle = LogThrottle(every)
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") != self.MESSAGE:
+            loop.default_exception_handler(context)
+            return
+        metrics.ACCEPT_ERRORS.inc()
+        suppressed = self._throttle.allow("accept")
+        if suppressed is not None:
+            error = context.get("exception")
+            log.error("accept_failed", error=str(error), suppressed=suppressed)

@@ -1,0 +1,223 @@
+"""Hostile connections: idle-socket floods, silent sockets, requests the HTTP parser rejects,
+and clients hanging up, against real sockets and a real `reinitd serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import random
+import socket
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import (
+    REINIT,
+    ServerFactory,
+    ServerProcess,
+    Sql,
+    open_stream,
+    sample,
+    server_process,
+)
+
+
+async def raw_socket(port: int) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def closed_by_server(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True once the server has closed (or reset) the connection; False if it stays open."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            return await loop.sock_recv(sock, 1024) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def sockets(port: int, count: int) -> AsyncIterator[list[socket.socket]]:
+    opened = [await raw_socket(port) for _ in range(count)]
+    try:
+        yield opened
+    finally:
+        for sock in opened:
+            sock.close()
+
+
+async def test_idle_sockets_at_the_budget_make_room_for_a_probe(
+    make_server: ServerFactory,
+) -> None:
+    """With the budget full of idle sockets, /healthz still answers: the socket idle the
+    longest is closed to make room, and counted."""
+    client = await make_server(max_connections=10)
+    port = client.port
+    assert port is not None
+    before = sample("reinitd_connections_closed_total", reason="evicted")
+    async with sockets(port, 12) as idle:
+        response = await client.get("/healthz")
+        assert response.status == 200
+        assert await closed_by_server(idle[0])
+    assert sample("reinitd_connections_closed_total", reason="evicted") >= before + 1
+
+
+async def test_beyond_the_budget_with_only_streams_a_newcomer_is_shed(
+    make_server: ServerFactory, sql: Sql
+) -> None:
+    """Streams are never closed to make room: with the budget full of streams, a new
+    connection is shed (closed at once, counted), and the streams still get their claims."""
+    client = await make_server(max_connections=5)
+    port = client.port
+    assert port is not None
+    agents = [await sql.prebuild(f"budget-{i}") for i in range(5)]
+    streams = [await open_stream(client, agent.token) for agent in agents]
+    before = sample("reinitd_connections_closed_total", reason="shed")
+    async with sockets(port, 1) as [newcomer]:
+        assert await closed_by_server(newcomer)
+    assert sample("reinitd_connections_closed_total", reason="shed") == before + 1
+    owner = await sql.user()
+    await sql.claim(agents[0].workspace_id, owner)
+    assert (await streams[0].event()).data is not None
+
+
+async def test_a_socket_that_never_speaks_is_closed(make_server: ServerFactory) -> None:
+    """A connection that sends no byte before the first-byte deadline is closed and counted;
+    one that has started its request is left to the header timeout."""
+    client = await make_server(first_byte_timeout=0.3)
+    port = client.port
+    assert port is not None
+    before = sample("reinitd_connections_closed_total", reason="silent")
+    async with sockets(port, 2) as [silent, talking]:
+        await asyncio.get_running_loop().sock_sendall(talking, b"GET /healthz HTTP/1.1\r\n")
+        assert await closed_by_server(silent)
+        assert not await closed_by_server(talking, timeout=0.5)
+    assert sample("reinitd_connections_closed_total", reason="silent") == before + 1
+
+
+# --- a real server process: what reaches its log ---------------------------------------------
+
+
+@pytest.fixture
+async def served(database_url: str, tmp_path: Path) -> AsyncIterator[ServerProcess]:
+    async with server_process(database_url, tmp_path) as server:
+        yield server
+
+
+async def exchange(port: int, payload: bytes) -> bytes:
+    """Send raw bytes, return whatever the server answers before it closes (5 s at most)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+def token_bearing_garbage(token: str) -> dict[str, bytes]:
+    pad = "x" * 9000
+    return {
+        "control character in the token header": (
+            f"GET {REINIT} HTTP/1.1\r\nHost: r\r\nCoder-Session-Token: {token}\x01\r\n\r\n"
+        ).encode(),
+        "request line over 8190 bytes": (
+            f"GET {REINIT}?coder_session_token={token}&pad={pad} HTTP/1.1\r\nHost: r\r\n\r\n"
+        ).encode(),
+        "DEL in the query": (
+            f"GET {REINIT}?coder_session_token={token}&x=\x7f HTTP/1.1\r\nHost: r\r\n\r\n"
+        ).encode(),
+        "cookie over 8190 bytes": (
+            f"GET {REINIT} HTTP/1.1\r\nHost: r\r\nCookie: coder_session_token={token}; p={pad}"
+            "\r\n\r\n"
+        ).encode(),
+    }
+
+
+async def test_rejected_requests_never_put_a_token_in_the_log(
+    served: ServerProcess, sql: Sql
+) -> None:
+    """Each request the HTTP parser rejects gets a JSON 400, and neither the token nor its
+    sha256 appears anywhere in the server's log."""
+    agent = await sql.prebuild()
+    for name, payload in token_bearing_garbage(agent.token).items():
+        answer = await exchange(served.port, payload)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ", 2)[1] == b"400", (name, answer[:200])
+        assert b"application/json" in head, name
+        assert json.loads(body)["message"] == "Bad request.", name
+    await get_readyz(served)  # everything above has been logged by now
+    text = served.log_path.read_text(errors="replace").lower()
+    digest = hashlib.sha256(agent.token.encode()).hexdigest()
+    assert agent.token.lower() not in text
+    assert digest not in text
+    assert "request_refused" in text
+
+
+async def get_readyz(server: ServerProcess) -> None:
+    await exchange(server.port, b"GET /readyz HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n")
+
+
+async def test_a_thousand_malformed_requests_cost_a_few_log_lines(served: ServerProcess) -> None:
+    """1 000 requests the parser rejects add a bounded number of log lines."""
+    await get_readyz(served)
+    before = len(served.log_path.read_text().splitlines())
+    limit = asyncio.Semaphore(50)
+
+    async def one(i: int) -> None:
+        async with limit:
+            await exchange(served.port, f"BREW /{i} HTCPCP/1.0\r\n\x00\r\n\r\n".encode())
+
+    await asyncio.gather(*(one(i) for i in range(1000)))
+    await get_readyz(served)
+    added = served.log_path.read_text().splitlines()[before:]
+    refusals = [line for line in added if "request_refused" in line]
+    assert len(refusals) <= 2, refusals
+    assert len(added) <= 1000 * 1 + 5  # at most the access line each, nothing per error
+
+
+async def test_a_storm_of_hang_ups_is_no_server_error(served: ServerProcess, sql: Sql) -> None:
+    """Agents resetting at random instants: no 5xx in the metrics, no ERROR in the log."""
+    agents = [await sql.prebuild(f"hangup-{i}") for i in range(10)]
+    rng = random.Random(11)
+    limit = asyncio.Semaphore(50)
+    loop = asyncio.get_running_loop()
+
+    async def one(i: int) -> None:
+        async with limit:
+            sock = await raw_socket(served.port)
+            token = agents[i % len(agents)].token
+            request = (
+                f"GET {REINIT}?wait=true HTTP/1.1\r\nHost: r\r\n"
+                f"Coder-Session-Token: {token}\r\n\r\n"
+            )
+            with contextlib.suppress(OSError):
+                await loop.sock_sendall(sock, request.encode())
+                await asyncio.sleep(rng.uniform(0, 0.01))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+
+    await asyncio.gather(*(one(i) for i in range(1500)))
+    reply = await exchange(
+        served.port, b"GET /metrics HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n"
+    )
+    metrics = reply.partition(b"\r\n\r\n")[2].decode()
+    errors = {
+        sample.labels["status"]: sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "reinitd_responses_total" and sample.labels["status"].startswith("5")
+    }
+    assert set(errors.values()) == {0.0}, errors
+    assert all(event.get("level") != "error" for event in served.log_events())
