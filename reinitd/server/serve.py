@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 import socket
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from errno import EADDRINUSE
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -87,9 +89,10 @@ def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
             reuse_port=reuse_port,
         )
     except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        hint = " (another server is there: pick another --port)" if exc.errno == EADDRINUSE else ""
         raise ReinitdError(
-            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
-            + (" (another server is there: pick another --port)" if exc.errno == 98 else "")
+            f"cannot listen on {settings.host}:{settings.port}: {reason}{hint}"
         ) from None
 
 

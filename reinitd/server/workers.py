@@ -49,6 +49,16 @@ def run_workers(settings: Settings, target: Callable[[], None], stop: Stop) -> i
         return process.pid
 
     log.info("workers_started", workers=len(slots), pids=[start(slot) for slot in slots])
+    try:
+        _watch(slots, start, stop)
+    except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+        _stop_all(slots, grace=0.0)
+        raise
+    return _stop_all(slots, settings.shutdown_timeout + 10)
+
+
+def _watch(slots: list[_Slot], start: Callable[[_Slot], int | None], stop: Stop) -> None:
+    """Until asked to stop: restart the dead, after their backoff."""
     while stop.signal is None:
         now = time.monotonic()
         for slot in slots:
@@ -69,22 +79,27 @@ def run_workers(settings: Settings, target: Callable[[], None], stop: Stop) -> i
                 restart_in_s=round(delay, 2),
             )
             slot.process, slot.restart_at = None, time.monotonic() + delay
-    return _stop_all(slots, settings.shutdown_timeout + 10)
 
 
 def _stop_all(slots: list[_Slot], grace: float) -> int:
+    """SIGTERM every worker, wait up to `grace`, then kill what is left: whatever happens
+    (another Ctrl-C included), no worker outlives the parent."""
     running = [s.process for s in slots if s.process is not None]
     for process in running:
         if process.pid is not None and process.exitcode is None:
             os.kill(process.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    for process in running:
-        process.join(max(0.0, deadline - time.monotonic()))
-        if process.exitcode is None:
-            log.error("worker_killed", pid=process.pid, after_s=grace)
-            process.kill()
-            process.join()
-    failed = [p.name for p in running if p.exitcode]
+    try:
+        for process in running:
+            process.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        for process in running:
+            if process.exitcode is None:
+                log.error("worker_killed", pid=process.pid, after_s=grace)
+                process.kill()
+                process.join()
+    # -SIGTERM is a worker stopped by us, cleanly: not a failure.
+    failed = [p.name for p in running if p.exitcode not in (0, -signal.SIGTERM)]
     if failed:
         log.error("workers_failed", workers=failed)
     return 1 if failed else 0

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import pwd
 import shutil
 import signal
+import socket
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -113,3 +117,204 @@ def test_root_fallback_to_an_unprivileged_user(monkeypatch: pytest.MonkeyPatch) 
             cluster.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def postmaster_alive(root: Path) -> bool:
+    pid_file = root / ".reinitd" / "data" / "postmaster.pid"
+    if not pid_file.exists():
+        return False
+    try:
+        os.kill(int(pid_file.read_text().split()[0]), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    return True
+
+
+async def server_sessions(dsn: str) -> list[tuple[str, bool]]:
+    conn: asyncpg.Connection = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT r.rolname, r.rolsuper FROM pg_stat_activity AS a "
+            "JOIN pg_roles AS r ON r.oid = a.usesysid "
+            "WHERE a.application_name LIKE 'reinitd%'"
+        )
+    finally:
+        await conn.close()
+    return [(row["rolname"], row["rolsuper"]) for row in rows]
+
+
+async def test_the_embedded_cluster_is_private_and_served_without_superuser(
+    tmp_path: Path, start: Starter
+) -> None:
+    """Another local account cannot log in to the embedded cluster by any route (no password
+    to read, no Unix socket), and every session of the server is the non-superuser role."""
+    os.chmod(tmp_path, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
+    port = free_port()
+    server = await start(tmp_path, port)
+    await ready(port, server)
+    root = tmp_path / ".reinitd"
+    dsn = (root / "database_url").read_text().strip()
+    sessions = await server_sessions(dsn)
+    assert sessions
+    assert set(sessions) == {(postgres.SERVER_ROLE, False)}
+    assert (root / "pgpass").stat().st_mode & 0o077 == 0
+    pg_port = int((root / "port").read_text())
+    owner: asyncpg.Connection = await asyncpg.connect(dsn)
+    try:  # no Unix socket anywhere, and TCP only on loopback
+        assert await owner.fetchval("SHOW unix_socket_directories") == ""
+        assert await owner.fetchval("SHOW listen_addresses") == "127.0.0.1"
+    finally:
+        await owner.close()
+    passwordless = f"postgresql://postgres@127.0.0.1:{pg_port}/reinitd?sslmode=disable"
+    empty = tmp_path / "empty-passfile"
+    empty.write_text("")
+    empty.chmod(0o600)
+    with pytest.raises(asyncpg.PostgresError):  # the password is required, even from here
+        await asyncpg.connect(passwordless, passfile=str(empty))
+    if os.geteuid() != 0:
+        pytest.skip("the other-account half needs root (to act as nobody); it ran in CI")
+    psql = postgres.find_bindir() / "psql"
+    for argv in (
+        [str(psql), "-w", "-d", passwordless, "-c", "SELECT 1"],
+        [str(psql), "-w", "-d", dsn, "-c", "SELECT 1"],  # the owner's URL names a file nobody reads
+        ["cat", str(root / "pgpass")],
+    ):
+        result = await asyncio.to_thread(
+            subprocess.run, argv, user="nobody", capture_output=True, check=False, timeout=30
+        )
+        assert result.returncode != 0, argv
+
+
+async def test_a_crash_keeps_the_port_and_sighup_stops_cleanly(
+    tmp_path: Path, start: Starter
+) -> None:
+    """After a SIGKILL of serve (its PostgreSQL left running), the next start reuses the same
+    port and URL; SIGHUP then stops it like SIGTERM, PostgreSQL included."""
+    os.chmod(tmp_path, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
+    port = free_port()
+    first = await start(tmp_path, port)
+    await ready(port, first)
+    dsn = (tmp_path / ".reinitd" / "database_url").read_text()
+    first.kill()
+    await first.wait()
+    assert postmaster_alive(tmp_path)  # the orphan holds the remembered port
+    second = await start(tmp_path, port)
+    await ready(port, second)
+    assert (tmp_path / ".reinitd" / "database_url").read_text() == dsn
+    second.send_signal(signal.SIGHUP)
+    stdout, stderr = await asyncio.wait_for(second.communicate(), 30)
+    assert second.returncode == 0, stderr
+    assert b'"signal": "SIGHUP"' in stdout
+    assert b"Traceback" not in stderr
+    assert not postmaster_alive(tmp_path)
+
+
+async def test_a_second_sigint_cuts_short_and_still_stops_postgres(
+    tmp_path: Path, start: Starter
+) -> None:
+    """Ctrl-C twice: no traceback, and the embedded PostgreSQL is stopped all the same."""
+    os.chmod(tmp_path, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
+    port = free_port()
+    server = await start(tmp_path, port)
+    await ready(port, server)
+    server.send_signal(signal.SIGINT)
+    server.send_signal(signal.SIGINT)
+    _, stderr = await asyncio.wait_for(server.communicate(), 30)
+    assert server.returncode in (0, 130), stderr
+    assert b"Traceback" not in stderr
+    assert not postmaster_alive(tmp_path)
+
+
+async def test_an_interrupted_first_start_and_a_busy_port(tmp_path: Path, start: Starter) -> None:
+    """A port in use is a one-line error before any work (no cluster made); the scratch folder
+    of an initdb cut short is discarded and the next start works."""
+    os.chmod(tmp_path, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        refused = await start(tmp_path, port)
+        _, stderr = await asyncio.wait_for(refused.communicate(), 30)
+    assert refused.returncode == 1
+    assert stderr.decode().strip().splitlines() == [
+        f"reinitd serve: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(another server is there: pick another --port)"
+    ]
+    assert not (tmp_path / ".reinitd" / "data").exists()
+    scratch = tmp_path / ".reinitd" / "data.initdb"
+    scratch.mkdir(parents=True)
+    (scratch / "PG_VERSION").write_text("18\n")  # what a Ctrl-C during initdb leaves
+    server = await start(tmp_path, port)
+    await ready(port, server)
+    assert not scratch.exists()
+    await stop(server)
+
+
+def test_a_trust_cluster_of_an_older_reinitd_is_secured(tmp_path: Path) -> None:
+    """A cluster made by reinitd 0.1 (trust authentication, no passfile) gets a password in
+    single-user mode and requires it, before it accepts any connection."""
+    os.chmod(tmp_path, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
+    old = postgres.Cluster(root=tmp_path, bindir=postgres.find_bindir())
+    result = old._run(
+        "initdb", "-D", str(old.datadir), "-U", "postgres", "-A", "trust", "--no-sync"
+    )
+    assert result.returncode == 0, result.stderr
+    cluster = postgres.ensure_cluster(tmp_path, fsync=False)
+    try:
+        assert (tmp_path / "pgpass").stat().st_mode & 0o077 == 0
+        assert "trust" not in (old.datadir / "pg_hba.conf").read_text()
+        assert cluster.psql("SELECT 1").strip() == "1"  # with the passfile
+        naked = f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres?sslmode=disable"
+        empty = tmp_path / "empty-passfile"
+        empty.write_text("")
+        empty.chmod(0o600)
+        with pytest.raises(asyncpg.PostgresError):
+            asyncio.run(asyncpg.connect(naked, passfile=str(empty)))
+    finally:
+        cluster.stop()
+
+
+async def worker_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    text = await asyncio.to_thread(children.read_text)
+    return [int(child) for child in text.split()]
+
+
+async def test_workers_are_restarted_and_a_double_ctrl_c_stops_everything(
+    tmp_path: Path,
+) -> None:
+    """With --workers 2: a worker killed with SIGKILL is reported at once and replaced, the
+    port keeps answering; Ctrl-C twice to the whole process group (as a terminal sends it)
+    ends the parent, its workers and the embedded PostgreSQL, without a traceback."""
+    os.chmod(tmp_path, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    server = await reinitd_process(
+        *serve_args(port, "--workers", "2"),
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        await ready(port, server)
+        async with asyncio.timeout(30):
+            while len(workers := await worker_pids(server.pid)) < 2:
+                await asyncio.sleep(0.05)
+        os.kill(workers[0], signal.SIGKILL)
+        async with asyncio.timeout(30):  # a new worker replaces it
+            while workers[0] in (now := await worker_pids(server.pid)) or len(now) < 2:
+                await asyncio.sleep(0.05)
+        await ready(port, server)
+        os.killpg(server.pid, signal.SIGINT)
+        os.killpg(server.pid, signal.SIGINT)
+        stdout, stderr = await asyncio.wait_for(server.communicate(), 30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+    assert b"Traceback" not in stderr, stderr
+    events = [json.loads(line)["event"] for line in stdout.splitlines() if line.startswith(b"{")]
+    assert "worker_died" in events
+    assert "worker_restarted" in events
+    assert not postmaster_alive(tmp_path)
+    gone = await asyncio.to_thread(lambda: [Path(f"/proc/{pid}").exists() for pid in now])
+    assert not any(gone)
