@@ -53,5 +53,5 @@ def configure(level: str = "info", fmt: LogFormat = "auto", stream: TextIO | Non
     for noisy in ("asyncio", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # While the database is down, asyncpg's pool logs a traceback every few seconds; the
-    # outage is already reported by listener_connect_failed and resync_failed.
+    # outage is already reported by listener_connect_failed and read_failed.
     logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)

@@ -131,14 +131,6 @@ LOG_FORMAT = Option(
     "log format; auto is console on a terminal, JSON lines otherwise",
     choices=("auto", "json", "console"),
 )
-DATABASE_URL = Option(
-    "database_url",
-    "DATABASE_URL",
-    None,
-    "libpq URL of PostgreSQL, e.g. postgresql://user@host:5432/reinitd",
-    database_url,
-    metavar="URL",
-)
 PING_INTERVAL = Option(
     "ping_interval",
     "REINITD_PING_INTERVAL",

@@ -29,7 +29,7 @@ from reinitd.wire import REINIT_PATH
 
 REINIT = REINIT_PATH
 
-# SPEC §2, byte for byte: an event line, at most one data line, a blank line; no comments.
+# docs/protocol.md §4.6, byte for byte: an event line, at most one data line, a blank line; no comments.
 _FRAME = re.compile(rb"event: (data|ping|error)\n(?:data: ([^\n]+)\n)?\n")
 _EVENT_KEYS = (["workspace_id", "reason", "owner_id"], ["workspace_id", "reason"])
 
@@ -45,7 +45,7 @@ class Frame:
 
 
 def parse_frame(raw: bytes) -> Frame:
-    """Parse one frame, failing on anything SPEC §2 does not allow."""
+    """Parse one frame, failing on anything docs/protocol.md §4.6 does not allow."""
     match = _FRAME.fullmatch(raw)
     if match is None:
         raise FrameError(f"not a valid frame: {raw!r}")
@@ -96,7 +96,7 @@ class Agent:
 
 
 class Sql:
-    """The SQL API of SPEC §1, as the provisioning system and DBAs call it."""
+    """The SQL API (docs/protocol.md §2.3), as the provisioning system and DBAs call it."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn

@@ -228,7 +228,7 @@ OPENAPI = resources.files("reinitd.server").joinpath("openapi.json").read_bytes(
 
 
 async def openapi(_request: web.Request) -> web.Response:
-    """The OpenAPI 3 document of this API (kept true by tests/test_limits.py)."""
+    """The OpenAPI 3 document of this API (kept true by tests/integration/test_limits.py)."""
     return web.Response(body=OPENAPI, content_type="application/json")
 
 

@@ -1,4 +1,5 @@
-"""The reinit endpoint against a real PostgreSQL: every SPEC §2 rule, byte-exact frames."""
+"""The reinit endpoint against a real PostgreSQL: every rule of docs/protocol.md §4, byte-exact
+frames."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""SPEC §3 under fault injection: killed listener, restarted PostgreSQL, dead-but-quiet
-connections, stalled clients, floods, shutdown, and several replicas."""
+"""The guarantees (docs/protocol.md §5) under fault injection: killed listener, restarted
+PostgreSQL, dead-but-quiet connections, stalled clients, floods, shutdown, several replicas."""
 
 from __future__ import annotations
 

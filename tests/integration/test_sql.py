@@ -1,4 +1,4 @@
-"""The SQL API and migrations of SPEC §1, on the real PostgreSQL."""
+"""The SQL API and migrations (docs/protocol.md §2), on the real PostgreSQL."""
 
 from __future__ import annotations
 
