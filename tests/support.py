@@ -29,7 +29,8 @@ from reinitd.wire import REINIT_PATH
 
 REINIT = REINIT_PATH
 
-# docs/protocol.md §4.6, byte for byte: an event line, at most one data line, a blank line; no comments.
+# docs/protocol.md §4.6, byte for byte: an event line, at most one data line, a blank line;
+# no comments.
 _FRAME = re.compile(rb"event: (data|ping|error)\n(?:data: ([^\n]+)\n)?\n")
 _EVENT_KEYS = (["workspace_id", "reason", "owner_id"], ["workspace_id", "reason"])
 
