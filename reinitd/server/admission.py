@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import structlog
@@ -19,14 +17,73 @@ from reinitd.server.database import uncancelled
 from reinitd.server.hub import Hub, Subscription
 from reinitd.server.query import QUERIES
 
+log = structlog.get_logger("reinitd.server.admission")
 
-@dataclass(frozen=True, slots=True)
+_OPEN_STREAMS = {
+    True: metrics.OPEN_STREAMS.labels("true"),
+    False: metrics.OPEN_STREAMS.labels("false"),
+}
+
+
 class Ticket:
-    """An admitted request: its agent, its subscription, and the durable check's verdict."""
+    """An admitted request: its process slot, then its agent slot and subscription, and the
+    durable check's verdict. `release()` gives everything back, once; after `hand_over`, only
+    the new holder (the stream that took over the connection) may release it."""
 
-    agent_id: uuid.UUID
-    subscription: Subscription
-    verdict: Verdict
+    __slots__ = (
+        "_admission",
+        "_holder",
+        "_opened",
+        "_released",
+        "agent_id",
+        "mode",
+        "request_id",
+        "subscription",
+        "verdict",
+    )
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._holder: object | None = None
+        self._released = False
+        self._opened = 0.0
+        self.agent_id: uuid.UUID | None = None
+        self.subscription: Subscription | None = None
+        self.verdict: Verdict = WAIT
+        self.mode = ""
+        self.request_id = ""
+
+    def open(self, mode: str, request_id: str) -> None:
+        """The request now waits as a stream (`sse`) or a long-poll (`json`)."""
+        assert self.subscription is not None
+        self.mode, self.request_id, self._opened = mode, request_id, time.monotonic()
+        _OPEN_STREAMS[self.subscription.wait].inc()
+        log.info("agent_waiting", wait=self.subscription.wait, mode=mode)
+
+    def hand_over(self, holder: object) -> None:
+        self._holder = holder
+
+    def release(self, by: object | None = None) -> None:
+        if self._released or by is not self._holder:
+            return
+        self._released = True
+        sub = self.subscription
+        if sub is not None:
+            self._admission._hub.remove(sub)
+            if self._opened:
+                _OPEN_STREAMS[sub.wait].dec()
+                log.info(
+                    "stream_ended",
+                    reason=sub.ended_by,
+                    events=sub.delivered,
+                    duration_s=round(time.monotonic() - self._opened, 3),
+                    mode=self.mode,
+                    workspace_id=str(sub.workspace_id),
+                    request_id=self.request_id,
+                )
+        if self.agent_id is not None:
+            self._admission._release_agent_slot(self.agent_id)
+        self._admission._release_process_slot()
 
 
 class Admission:
@@ -60,8 +117,7 @@ class Admission:
     def agent_slots(self) -> int:
         return self._per_agent.total()
 
-    @contextlib.contextmanager
-    def _process_slot(self) -> Iterator[None]:
+    def _take_process_slot(self) -> None:
         if self.in_use >= self.max_streams:  # before any database work
             raise ApiError(
                 503,
@@ -73,14 +129,12 @@ class Admission:
             )
         self.in_use += 1
         metrics.SLOTS_IN_USE.inc()
-        try:
-            yield
-        finally:
-            self.in_use -= 1
-            metrics.SLOTS_IN_USE.dec()
 
-    @contextlib.contextmanager
-    def _agent_slot(self, agent_id: uuid.UUID) -> Iterator[None]:
+    def _release_process_slot(self) -> None:
+        self.in_use -= 1
+        metrics.SLOTS_IN_USE.dec()
+
+    def _take_agent_slot(self, agent_id: uuid.UUID) -> None:
         if self._per_agent[agent_id] >= self.max_streams_per_agent:
             raise ApiError(
                 429,
@@ -90,19 +144,20 @@ class Admission:
                 reason="agent_stream_limit",
             )
         self._per_agent[agent_id] += 1
-        try:
-            yield
-        finally:
-            self._per_agent[agent_id] -= 1
-            if not self._per_agent[agent_id]:
-                del self._per_agent[agent_id]
 
-    @contextlib.asynccontextmanager
-    async def admit(self, token_hash: bytes, *, wait: bool) -> AsyncIterator[Ticket]:
+    def _release_agent_slot(self, agent_id: uuid.UUID) -> None:
+        self._per_agent[agent_id] -= 1
+        if not self._per_agent[agent_id]:
+            del self._per_agent[agent_id]
+
+    async def admit(self, token_hash: bytes, *, wait: bool) -> Ticket:
         """Resolve the token, take the slots, register the subscription, then read the
         builds (`wait` only): a claim committed at any instant is seen by the read, by the
-        subscription, or by both (a stream delivers a claim once)."""
-        with self._process_slot(), contextlib.ExitStack() as held:
+        subscription, or by both (a stream delivers a claim once). The caller must `release`
+        the ticket; whatever fails here gives back what it had taken."""
+        self._take_process_slot()
+        ticket = Ticket(self)
+        try:
             async with self._pool.acquire() as conn:
                 agent = await uncancelled(conn.fetchrow(QUERIES["agent_by_token_hash"], token_hash))
                 if agent is None:
@@ -112,18 +167,19 @@ class Admission:
                         "The agent token is not known.",
                         reason="unknown_token",
                     )
-                agent_id: uuid.UUID = agent["agent_id"]
                 workspace_id: uuid.UUID = agent["workspace_id"]
                 structlog.contextvars.bind_contextvars(workspace_id=str(workspace_id))
-                held.enter_context(self._agent_slot(agent_id))
-                sub = held.enter_context(self._hub.subscribe(workspace_id, wait=wait))
-                verdict: Verdict = WAIT  # without wait: no checks, nothing pre-seeded
-                if wait:
+                self._take_agent_slot(agent["agent_id"])
+                ticket.agent_id = agent["agent_id"]
+                ticket.subscription = self._hub.subscribe(workspace_id, wait=wait)
+                if wait:  # without wait: no checks, nothing pre-seeded
                     if self.before_read is not None:
                         await self.before_read(workspace_id)
                     started = time.perf_counter()
                     verdicts = await uncancelled(read_verdicts(conn, [workspace_id]))
-                    verdict = verdicts[workspace_id]
                     metrics.DURABLE_CHECK_SECONDS.observe(time.perf_counter() - started)
-            # The pooled connection is back before the (long) stream begins.
-            yield Ticket(agent_id, sub, verdict)
+                    ticket.verdict = verdicts[workspace_id]
+        except BaseException:
+            ticket.release()
+            raise
+        return ticket

@@ -55,15 +55,39 @@ class GuardedHandler(RequestHandler):
     parser errors answered as JSON, counted, and logged without the request's bytes."""
 
     # aiohttp's RequestHandler declares __slots__; so does its subclass.
-    __slots__ = ("spoke",)
+    __slots__ = ("first_byte_due", "spoke")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.spoke = False
+        self.first_byte_due: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
-        self.spoke = True
+        if not self.spoke:
+            self.spoke = True
+            if self.first_byte_due is not None:
+                self.first_byte_due.cancel()
+                self.first_byte_due = None
         super().data_received(data)
+
+    @property
+    def server(self) -> GuardedServer | None:
+        """The server this connection came in on (None once aiohttp let go of it)."""
+        manager = self._manager
+        return manager if isinstance(manager, GuardedServer) else None
+
+    def let_go(self) -> asyncio.Transport | None:
+        """Give this connection's transport away (to a stream whose headers are out): aiohttp
+        will neither write to it nor close it when the request returns, and forgets the
+        connection, whose file the server's budget still counts. None if the client is gone."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return None
+        self.keep_alive(False)  # no keep-alive timer of aiohttp's outlives the request
+        self.transport = None
+        if (server := self.server) is not None:
+            server.stream_taken(self)
+        return transport
 
     def handle_error(
         self,
@@ -74,9 +98,9 @@ class GuardedHandler(RequestHandler):
     ) -> web.StreamResponse:
         """aiohttp's hook for requests it cannot hand to the app (a malformed request line or
         header, an oversized one): its own version logs the offending bytes, tokens included."""
-        server = self._manager
+        server = self.server
         kind = type(exc).__name__ if exc is not None else "unknown"
-        if isinstance(server, GuardedServer):
+        if server is not None:
             server.refusals.refuse("bad_request" if status < 500 else "server_error", status, kind)
         if request.writer.output_size > 0:  # a response is half written: only closing is left
             raise ConnectionError("the response is already being sent")
@@ -94,8 +118,8 @@ class GuardedHandler(RequestHandler):
         """aiohttp's other error lines may quote request bytes: say only what kind it was."""
         exc = kwargs.get("exc_info")
         kind = type(exc).__name__ if isinstance(exc, BaseException) else "unknown"
-        server = self._manager
-        if isinstance(server, GuardedServer) and server.http_errors.allow(kind) is None:
+        server = self.server
+        if server is not None and server.http_errors.allow(kind) is None:
             return
         log.error("http_error", kind=kind)
 
@@ -107,6 +131,7 @@ class GuardedServer(web.Server):
     first_byte_timeout: float
     refusals: Refusals
     http_errors: LogThrottle
+    streams: int
     _idle: collections.OrderedDict[RequestHandler, None]
 
     @classmethod
@@ -121,6 +146,7 @@ class GuardedServer(web.Server):
         server.first_byte_timeout = first_byte_timeout
         server.refusals = refusals
         server.http_errors = LogThrottle()
+        server.streams = 0
         # Connections not in a request right now, oldest first: the ones to close at the budget.
         server._idle = collections.OrderedDict()
         app_handler = server.request_handler
@@ -140,19 +166,39 @@ class GuardedServer(web.Server):
     def __call__(self) -> RequestHandler:
         return GuardedHandler(self, loop=self._loop, **self._kwargs)
 
+    def __len__(self) -> int:
+        """Open client connections: aiohttp's, and the streams it handed over."""
+        return len(self._connections) + self.streams
+
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
         self._idle[handler] = None
-        if len(self._connections) > self.budget:
+        if len(self) > self.budget:
             self._make_room(handler, transport)
         else:
-            self._loop.call_later(self.first_byte_timeout, self._first_byte_due, handler)
-        metrics.CONNECTIONS.set(len(self._connections))
+            self._arm_first_byte(handler)
+        metrics.CONNECTIONS.set(len(self))
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         self._idle.pop(handler, None)
         super().connection_lost(handler, exc)
-        metrics.CONNECTIONS.set(len(self._connections))
+        metrics.CONNECTIONS.set(len(self))
+
+    def stream_taken(self, handler: RequestHandler) -> None:
+        """A stream took this connection over: no longer aiohttp's, still one of ours."""
+        self._connections.pop(handler, None)
+        self._idle.pop(handler, None)
+        self.streams += 1
+
+    def stream_closed(self) -> None:
+        self.streams -= 1
+        metrics.CONNECTIONS.set(len(self))
+
+    def _arm_first_byte(self, handler: RequestHandler) -> None:
+        if isinstance(handler, GuardedHandler):
+            handler.first_byte_due = self._loop.call_later(
+                self.first_byte_timeout, self._first_byte_due, handler
+            )
 
     def _make_room(self, newcomer: RequestHandler, transport: asyncio.Transport) -> None:
         """At the budget: close the connection idle the longest; if the only idle one is the
@@ -167,7 +213,7 @@ class GuardedServer(web.Server):
         self._idle.pop(oldest)
         if oldest.transport is not None:
             oldest.transport.abort()
-        self._loop.call_later(self.first_byte_timeout, self._first_byte_due, newcomer)
+        self._arm_first_byte(newcomer)
 
     def _first_byte_due(self, handler: RequestHandler) -> None:
         if (

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import time
 from importlib import resources
 
 import structlog
@@ -13,11 +12,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from reinitd.errors import ApiError
-from reinitd.server import metrics
+from reinitd.server.admission import Ticket
 from reinitd.server.claim import Deliver, Refuse
 from reinitd.server.hub import Delivery, End, Subscription
-from reinitd.server.keys import ADMISSION, READINESS, SETTINGS
-from reinitd.wire import PING_FRAME, TOKEN_HEADER, TOKEN_PARAM, error_frame, is_token
+from reinitd.server.keys import ADMISSION, READINESS, REQUEST_ID, SETTINGS
+from reinitd.server.stream import delivered, take_over
+from reinitd.wire import TOKEN_HEADER, TOKEN_PARAM, is_token
 
 log = structlog.get_logger("reinitd.server.handler")
 
@@ -31,14 +31,6 @@ SSE_HEADERS = {
 }
 
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
-
-# Metric children resolved once, not per request or per frame.
-_OPEN_STREAMS = {
-    wait: metrics.OPEN_STREAMS.labels("true" if wait else "false") for wait in (True, False)
-}
-_DELIVERED_BY_PATH = {
-    path: metrics.EVENTS_DELIVERED.labels(path) for path in ("notify", "seeded", "resync")
-}
 
 
 def parse_bool(value: str | None) -> bool:
@@ -99,38 +91,20 @@ async def reinit(request: web.Request) -> web.StreamResponse:
     digest = token_hash(request)
     wait = parse_bool(request.query.get("wait"))
     poll_timeout = parse_timeout(request.query.get("timeout")) if wants_json(request) else None
-    async with request.app[ADMISSION].admit(digest, wait=wait) as ticket:
+    ticket = await request.app[ADMISSION].admit(digest, wait=wait)
+    try:
         sub, verdict = ticket.subscription, ticket.verdict
+        assert sub is not None
         if isinstance(verdict, Refuse):
             raise ApiError(409, verdict.message, verdict.detail, reason="not_waiting")
         if isinstance(verdict, Deliver):
             sub.offer(Delivery(verdict.event, "seeded"))
-        open_streams = _OPEN_STREAMS[wait]
-        open_streams.inc()
-        mode = "sse" if poll_timeout is None else "json"
-        log.info("agent_waiting", wait=wait, mode=mode)
-        started = time.monotonic()
-        try:
-            if poll_timeout is not None:
-                return await _long_poll(sub, poll_timeout)
-            return await _stream(request, sub)
-        finally:
-            open_streams.dec()
-            log.info(
-                "stream_ended",
-                reason=sub.ended_by,
-                events=sub.delivered,
-                duration_s=round(time.monotonic() - started, 3),
-                mode=mode,
-            )
-
-
-def _delivered(sub: Subscription, delivery: Delivery) -> None:
-    sub.delivered += 1
-    _DELIVERED_BY_PATH[delivery.source].inc()
-    if delivery.received_at:
-        metrics.NOTIFY_TO_WRITE_SECONDS.observe(time.monotonic() - delivery.received_at)
-    log.info("reinit_delivered", path=delivery.source, owner_id=str(delivery.event.owner_id))
+        ticket.open("sse" if poll_timeout is None else "json", request[REQUEST_ID])
+        if poll_timeout is not None:
+            return await _long_poll(sub, poll_timeout)
+        return await _stream(request, ticket)
+    finally:
+        ticket.release()  # nothing, once a stream took the ticket over
 
 
 async def _long_poll(sub: Subscription, seconds: float) -> web.Response:
@@ -139,8 +113,12 @@ async def _long_poll(sub: Subscription, seconds: float) -> web.Response:
             while True:
                 item = await sub.next()
                 if isinstance(item, Delivery):
-                    _delivered(sub, item)
+                    sub.delivered += 1
                     sub.ended_by = "delivered"
+                    delivered(item)
+                    log.info(
+                        "reinit_delivered", path=item.source, owner_id=str(item.event.owner_id)
+                    )
                     return web.Response(text=item.event.to_json(), content_type="application/json")
                 if isinstance(item, End):
                     sub.ended_by = item.why
@@ -160,52 +138,14 @@ async def _long_poll(sub: Subscription, seconds: float) -> web.Response:
         return web.Response(status=204)
 
 
-def _fits(request: web.Request, frame: bytes) -> bool:
-    """True when writing `frame` cannot pause the transport, so the write cannot block."""
-    transport = request.transport
-    return (
-        transport is not None
-        and transport.get_write_buffer_size() + len(frame) < transport.get_write_buffer_limits()[1]
-    )
-
-
-async def _stream(request: web.Request, sub: Subscription) -> web.StreamResponse:
+async def _stream(request: web.Request, ticket: Ticket) -> web.StreamResponse:
+    """Send the stream's headers, then hand its connection to a Stream (reinitd.server.stream)
+    and return: the request is over for aiohttp, the stream goes on."""
     response = web.StreamResponse(headers=SSE_HEADERS)
     response.force_close()
     await response.prepare(request)  # a StreamResponse sends its headers at once
-    write_timeout = request.app[SETTINGS].write_timeout
-    while True:
-        item = await sub.next()
-        if isinstance(item, End):
-            sub.ended_by = item.why
-            frame = (
-                None
-                if item.refusal is None
-                else error_frame(item.refusal.message, item.refusal.detail)
-            )
-        else:
-            frame = item.event.frame() if isinstance(item, Delivery) else PING_FRAME
-        if frame is not None:
-            try:
-                if _fits(request, frame):
-                    await response.write(frame)  # cannot block: no timer needed
-                else:
-                    async with asyncio.timeout(write_timeout):
-                        await response.write(frame)
-            except TimeoutError:
-                metrics.STALLED_CLIENTS.inc()
-                sub.ended_by = "stalled"
-                log.warning("client_stalled", write_timeout_s=write_timeout)
-                if request.transport is not None:
-                    request.transport.abort()
-                return response
-            except ConnectionError:
-                sub.ended_by = "client_gone"
-                return response  # the agent hung up; it will reconnect
-        if isinstance(item, Delivery):
-            _delivered(sub, item)
-        elif isinstance(item, End):
-            return response
+    take_over(request, ticket, request.app[SETTINGS].write_timeout)
+    return response
 
 
 async def healthz(_request: web.Request) -> web.Response:

@@ -1,11 +1,11 @@
-"""Fan-out of claims to the bounded per-request subscriptions waiting on each workspace."""
+"""Fan-out of claims to the subscriptions waiting on each workspace."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import structlog
 
@@ -44,13 +44,23 @@ class End:
 Item = Delivery | Ping | End
 
 
+class Sink(Protocol):
+    """Where an attached subscription's items go at once (an SSE stream's connection)."""
+
+    def deliver(self, delivery: Delivery) -> None: ...
+    def ping(self) -> None: ...
+    def end(self, end: End) -> None: ...
+
+
 class Subscription:
-    """One request's mailbox: distinct events (bounded), a ping flag and an end marker.
+    """One request's mailbox: distinct claims, pings and an end, for one workspace.
 
     Producers never block and never await a client: `offer`, `ping` and `end` are synchronous.
-    A stream delivers each distinct claim at most once, so the durable check, a doorbell and a
-    resync may all see the same claim and the agent still gets one frame.
-    Used as a context manager, it leaves its hub on every exit path.
+    Until a sink is attached (a long-poll never has one; an SSE stream gets its own once its
+    headers are out) items are kept, claims up to the hub's bound, for `next()`; once attached,
+    the kept items and every later one go straight to the sink. Each distinct claim passes at
+    most once, so the durable check, a doorbell and a resync may all see it and the agent
+    still gets one frame.
     """
 
     # Tens of thousands are alive at once: slots, and containers only once needed.
@@ -60,6 +70,7 @@ class Subscription:
         "_hub",
         "_ping",
         "_seen",
+        "_sink",
         "_waiter",
         "delivered",
         "ended_by",
@@ -74,9 +85,10 @@ class Subscription:
         self._events: list[Delivery] | None = None
         self._seen: set[tuple[uuid.UUID, str, uuid.UUID | None]] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: Sink | None = None
         self._ping = False
         self._end: End | None = None
-        # Kept by the request's handler, for its `stream_ended` line.
+        # Kept by whoever serves the request, for its `stream_ended` line.
         self.delivered = 0
         self.ended_by = "client_gone"
 
@@ -91,12 +103,18 @@ class Subscription:
             self._waiter.set_result(None)
 
     def offer(self, delivery: Delivery) -> bool:
-        """Queue a claim unless already seen; on overflow the stream ends. True if queued."""
+        """Pass a claim on unless already seen; on overflow the stream ends. True if taken."""
         key = delivery.event.key
         if self._end is not None or (self._seen is not None and key in self._seen):
             return False
-        if self._events is None or self._seen is None:
-            self._events, self._seen = [], set()
+        if self._seen is None:
+            self._seen = set()
+        if self._sink is not None:
+            self._seen.add(key)
+            self._sink.deliver(delivery)
+            return True
+        if self._events is None:
+            self._events = []
         if len(self._events) >= self._hub.queue_limit:
             metrics.QUEUE_OVERFLOWS.inc()
             log.warning(
@@ -112,12 +130,18 @@ class Subscription:
         return True
 
     def ping(self) -> None:
+        if self._sink is not None:
+            if self._end is None:
+                self._sink.ping()
+            return
         self._ping = True
         self._wake()
 
     def end(self, end: End) -> None:
         if self._end is None:
             self._end = end
+            if self._sink is not None:
+                self._sink.end(end)
             self._wake()
 
     def refuse(self, refusal: Refuse) -> bool:
@@ -127,6 +151,15 @@ class Subscription:
             return False
         self.end(End("refused", refusal))
         return True
+
+    def attach(self, sink: Sink) -> None:
+        """From now on items go to `sink`: what was kept first, in order, then the end."""
+        self._sink = sink
+        for delivery in self._events or ():
+            sink.deliver(delivery)
+        self._events = None
+        if self._end is not None:
+            sink.end(self._end)
 
     def _take(self) -> Item | None:
         if self._events:
@@ -139,7 +172,8 @@ class Subscription:
         return None
 
     async def next(self) -> Item:
-        """The next thing to write: queued events first, then the end, then a ping."""
+        """The next item, for a handler without a sink: claims first, then the end, then a
+        ping."""
         while (item := self._take()) is None:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -168,7 +202,8 @@ class Hub:
         return workspace_id in self._subs
 
     def subscribe(self, workspace_id: uuid.UUID, *, wait: bool) -> Subscription:
-        """Register a subscription now; use it as a context manager to unregister it."""
+        """Register a subscription now; `remove` it when its request ends (or use it as a
+        context manager, which does)."""
         sub = Subscription(self, workspace_id, wait=wait)
         subs = self._subs.get(workspace_id)
         if subs is None:
@@ -202,7 +237,8 @@ class Hub:
         a NOTIFY rang for it (older agents are never pre-seeded: they would loop). A refusal
         ends the `wait=true` streams with an error frame: they cannot wait any more."""
         applied = 0
-        for sub in self._subs.get(workspace_id, ()):
+        # A copy: a sink that fails to write may end its stream, and leave, during the loop.
+        for sub in tuple(self._subs.get(workspace_id, ())):
             if isinstance(verdict, Deliver):
                 if sub.wait or source == "notify":
                     applied += sub.offer(Delivery(verdict.event, source, received_at))

@@ -1,4 +1,4 @@
-"""Every typed application key in one place."""
+"""Every typed application and request key in one place."""
 
 from __future__ import annotations
 
@@ -21,3 +21,5 @@ DOORBELL = web.AppKey("doorbell", Doorbell)
 ADMISSION = web.AppKey("admission", Admission)
 READINESS = web.AppKey("readiness", Readiness)
 REFUSALS = web.AppKey("refusals", Refusals)
+
+REQUEST_ID = web.RequestKey("request_id", str)

@@ -12,12 +12,11 @@ from aiohttp.typedefs import Handler
 from reinitd.errors import ApiError
 from reinitd.server import database, metrics
 from reinitd.server.database import CONNECTION_ERRORS
-from reinitd.server.keys import REFUSALS
+from reinitd.server.keys import REFUSALS, REQUEST_ID
 from reinitd.server.throttle import LogThrottle
 
 log = structlog.get_logger("reinitd.http")
 
-REQUEST_ID = web.RequestKey("request_id", str)
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 

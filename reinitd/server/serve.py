@@ -180,10 +180,12 @@ def _serve(settings: Settings, stop: Stop) -> int:
 
 
 def _worker(settings: Settings) -> None:
-    """A worker's life, in its own process: a fresh signal policy, its own socket."""
+    """A worker's life, in its own process: a fresh signal policy, its own socket. A second
+    Ctrl-C (the terminal sends it to every process of the group) ends it quietly."""
     with Stop().installed() as stop:
         sock = bind(settings, reuse_port=True)
-        asyncio.run(run_server(settings, sock, stop))
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_server(settings, sock, stop))
 
 
 def main(command: str, values: dict[str, Any]) -> int:

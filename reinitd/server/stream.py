@@ -1,0 +1,165 @@
+"""An SSE stream once its headers are out: the connection taken over from aiohttp.
+
+aiohttp serves a request with a task, its middleware and handler frames, the request and its
+parsed headers, a parser and a response writer, all alive as long as the handler runs; for a
+stream that waits for hours that was most of its memory. Once the headers are sent, the stream
+takes the transport over (it becomes the transport's protocol) and the request returns, so
+aiohttp frees all of that. Frames are then written straight from the fan-out, without waking a
+task: a claim costs one `write`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Final
+
+import structlog
+from aiohttp import web
+
+from reinitd.server import metrics
+from reinitd.server.connection import GuardedHandler, GuardedServer
+from reinitd.server.hub import Delivery, End
+from reinitd.wire import PING_FRAME, error_frame
+
+if TYPE_CHECKING:
+    from reinitd.server.admission import Ticket
+
+log = structlog.get_logger("reinitd.server.stream")
+
+_DELIVERED_BY_PATH = {
+    path: metrics.EVENTS_DELIVERED.labels(path) for path in ("notify", "seeded", "resync")
+}
+# A client that stopped reading while this much is buffered for it is cut off at once.
+MAX_BUFFERED: Final = 1 << 20
+
+
+def chunk(frame: bytes) -> bytes:
+    """A frame as one chunk of the response's chunked body."""
+    return b"%x\r\n%s\r\n" % (len(frame), frame)
+
+
+PING_CHUNK: Final = chunk(PING_FRAME)
+LAST_CHUNK: Final = b"0\r\n\r\n"
+
+
+def delivered(delivery: Delivery) -> None:
+    """A claim was written to an agent (on its stream, or as a long-poll's answer)."""
+    _DELIVERED_BY_PATH[delivery.source].inc()
+    if delivery.received_at:
+        metrics.NOTIFY_TO_WRITE_SECONDS.observe(time.monotonic() - delivery.received_at)
+
+
+class Stream(asyncio.Protocol):
+    """The protocol of a stream's connection after the take-over: a sink for its
+    subscription, and the owner of its ticket (released when the connection is gone)."""
+
+    __slots__ = ("_server", "_stall", "_ticket", "_transport", "_write_timeout")
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        ticket: Ticket,
+        server: GuardedServer | None,
+        write_timeout: float,
+    ) -> None:
+        self._transport = transport
+        self._ticket = ticket
+        self._server = server
+        self._write_timeout = write_timeout
+        self._stall: asyncio.TimerHandle | None = None
+
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport.is_closing():
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > MAX_BUFFERED:
+            self._stalled()
+
+    # --- the sink: what the subscription hands over -------------------------------------
+
+    def deliver(self, delivery: Delivery) -> None:
+        self._write(chunk(delivery.event.frame()))
+        sub = self._ticket.subscription
+        assert sub is not None
+        sub.delivered += 1
+        delivered(delivery)
+        log.info(
+            "reinit_delivered",
+            path=delivery.source,
+            owner_id=str(delivery.event.owner_id),
+            workspace_id=str(delivery.event.workspace_id),
+            request_id=self._ticket.request_id,
+        )
+
+    def ping(self) -> None:
+        self._write(PING_CHUNK)
+
+    def end(self, end: End) -> None:
+        """End the body (after the refusal's error frame, if any) and close."""
+        sub = self._ticket.subscription
+        assert sub is not None
+        sub.ended_by = end.why
+        if end.refusal is not None:
+            self._write(chunk(error_frame(end.refusal.message, end.refusal.detail)))
+        self._write(LAST_CHUNK)
+        self._transport.close()
+
+    # --- the protocol: what the connection reports ---------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """An agent sends nothing after its request; whatever comes is dropped."""
+
+    def eof_received(self) -> bool:
+        return False  # the agent hung up: close our side too
+
+    def pause_writing(self) -> None:
+        """The client stopped reading: it has `write_timeout` to resume before it is cut."""
+        self._stall = asyncio.get_running_loop().call_later(self._write_timeout, self._stalled)
+
+    def resume_writing(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        if self._transport.is_closing():
+            return
+        sub = self._ticket.subscription
+        assert sub is not None
+        sub.ended_by = "stalled"
+        metrics.STALLED_CLIENTS.inc()
+        log.warning(
+            "client_stalled",
+            write_timeout_s=self._write_timeout,
+            workspace_id=str(sub.workspace_id),
+            request_id=self._ticket.request_id,
+        )
+        self._transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.resume_writing()  # cancels a pending stall timer
+        self._ticket.release(by=self)
+        if self._server is not None:
+            self._server.stream_closed()
+
+
+def take_over(request: web.BaseRequest, ticket: Ticket, write_timeout: float) -> bool:
+    """Take the connection of a stream whose headers are out away from aiohttp (which then
+    neither writes to it nor closes it when the request returns): the stream becomes the
+    transport's protocol and the owner of the ticket, and the subscription's items flow to it
+    from now on. False if the client is already gone."""
+    protocol = request.protocol
+    if not isinstance(protocol, GuardedHandler):
+        raise TypeError("streams are served by reinitd's own runner (reinitd.server.app)")
+    transport = protocol.let_go()
+    if transport is None:
+        return False
+    stream = Stream(transport, ticket, protocol.server, write_timeout)
+    transport.set_protocol(stream)
+    ticket.hand_over(stream)
+    sub = ticket.subscription
+    assert sub is not None
+    sub.attach(stream)
+    return True
