@@ -2,7 +2,7 @@
 
 Same endpoint and frames as reinitd (auth, durable read, SSE), none of its design: every
 request opens a connection, LISTENs, reads, and waits on it. Run: python -m
-tests.benchmarks.naive --port P --database-url DSN.
+bench.baseline --port P --database-url DSN.
 """
 
 from __future__ import annotations

@@ -120,7 +120,11 @@ class LoadGen:
         self._one_done: Callable[[], None] = lambda: None
 
     async def open(
-        self, url: str, agents: list[list[str]], sources: list[str], timeout: float = 120.0
+        self,
+        url: str,
+        agents: list[list[str]],
+        sources: list[str],
+        timeout: float = 120.0,  # noqa: ASYNC109 -- a command's bound, sent by the harness
     ) -> dict[str, Any]:
         host, port = url.removeprefix("http://").split(":")
         loop = asyncio.get_running_loop()
@@ -192,7 +196,11 @@ class LoadGen:
         await self.listen_conn.add_listener("prebuild_claimed", on_notify)
         return {"listening": True}
 
-    async def wait_events(self, count: int, timeout: float) -> dict[str, Any]:
+    async def wait_events(
+        self,
+        count: int,
+        timeout: float,  # noqa: ASYNC109 -- a command's bound, sent by the harness
+    ) -> dict[str, Any]:
         """Reply once `count` streams have their first event (or at the timeout)."""
         EVENTS.want = count
         if EVENTS.seen < count:

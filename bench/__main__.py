@@ -1,4 +1,4 @@
-"""`make bench`: capacity, latency, reconnect storm and the naive baseline, in one run.
+"""`make bench` (`python -m bench`): capacity, latency, storms, floods and baselines, in one run.
 
 Starts its own PostgreSQL and servers, drives load from separate client processes over
 loopback, prints a table and writes bench-results/latest.json. Not part of `make test`.
@@ -128,7 +128,7 @@ async def server(
             "json",
         ]
     else:
-        argv = ["-m", "tests.benchmarks.naive", "--port", str(port), "--database-url", database_url]
+        argv = ["-m", "bench.baseline", "--port", str(port), "--database-url", database_url]
     with (log or Path(os.devnull)).open("ab") as out:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -209,7 +209,7 @@ class LoadGen:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "tests.benchmarks.loadgen",
+            "bench.loadgen",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=2**28,
@@ -280,7 +280,11 @@ async def events(gens: list[LoadGen]) -> tuple[dict[str, float], dict[str, float
     return got, floor
 
 
-async def wait_events(gens: list[LoadGen], want: int, timeout: float) -> dict[str, float]:
+async def wait_events(
+    gens: list[LoadGen],
+    want: int,
+    timeout: float,  # noqa: ASYNC109 -- the bound is applied inside the generators
+) -> dict[str, float]:
     """Wait (inside the generators, without polling) until `want` first events arrived."""
     share = -(-want // len(gens))
     await asyncio.gather(*(gen.call("wait_events", count=share, timeout=timeout) for gen in gens))
@@ -451,7 +455,7 @@ class Bench:
             "claimed_delivered": len(got),
         }
 
-    async def forged(self, n: int, seconds: float, rate: float) -> dict[str, Any]:
+    async def forged(self, n: int, seconds: float, rate: float) -> dict[str, Any]:  # noqa: PLR0915
         """A role with no grants NOTIFYs as fast as it can for `seconds`, naming workspaces that
         agents wait on, while real claims arrive at `rate` per second: what the flood costs
         the server (CPU, log lines) and the real claims (latency over the raw-LISTEN floor)."""
