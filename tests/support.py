@@ -171,14 +171,10 @@ class ServerProcess:
 async def python_module(
     *argv: str, env: dict[str, str] | None = None, **kwargs: Any
 ) -> asyncio.subprocess.Process:
-    """`python -m ARGV` as a subprocess (stdin closed; other streams as given)."""
+    """`python -m ARGV` as a subprocess (stdin closed unless given; other streams as given)."""
+    kwargs.setdefault("stdin", asyncio.subprocess.DEVNULL)
     return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        *argv,
-        env=env if env is not None else dict(os.environ),
-        stdin=asyncio.subprocess.DEVNULL,
-        **kwargs,
+        sys.executable, "-m", *argv, env=env if env is not None else dict(os.environ), **kwargs
     )
 
 
@@ -220,16 +216,16 @@ async def wait_ready(
     workers: int = 1,
     log_path: Path | None = None,
 ) -> None:
-    """Poll `path` until 200 and, with `log_path`, until the log shows `workers` processes
-    serving (with `--workers N`, one request reaches only one of them); fail at once if the
-    process exits first."""
+    """Poll `path` until 200 and, with several workers, until the log at `log_path` shows each
+    of them serving (one request reaches only one worker); fail at once if the process exits
+    first."""
     async with aiohttp.ClientSession() as session, asyncio.timeout(timeout):
         while True:
             if process.returncode is not None:
                 raise RuntimeError(f"server exited with {process.returncode}")
-            serving = (
-                log_path is None
-                or (await asyncio.to_thread(log_path.read_bytes)).count(SERVING) >= workers
+            serving = workers == 1 or (
+                log_path is not None
+                and (await asyncio.to_thread(log_path.read_bytes)).count(SERVING) >= workers
             )
             with contextlib.suppress(aiohttp.ClientError):
                 async with session.get(f"{url}{path}") as response:
