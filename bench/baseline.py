@@ -1,8 +1,9 @@
-"""The naive baseline: one PostgreSQL connection with its own LISTEN per waiting request.
+"""The baseline reinitd is measured against, a server process of its own.
 
-Same endpoint and frames as reinitd (auth, durable read, SSE), none of its design: every
-request opens a connection, LISTENs, reads, and waits on it. Run: python -m
-bench.baseline --port P --database-url DSN.
+`naive`: reinitd's endpoint and frames (auth, durable read, SSE) with none of its design:
+every request opens a PostgreSQL connection, LISTENs, reads, and waits on it.
+
+Run: python -m bench.baseline naive --port P --database-url DSN.
 """
 
 from __future__ import annotations
@@ -11,18 +12,23 @@ import argparse
 import asyncio
 import hashlib
 import json
+import signal
 
 import asyncpg
 from aiohttp import web
 
+from reinitd.server.app import server_options
 from reinitd.server.claim import Deliver, Refuse, read_verdicts
 from reinitd.server.doorbell import CHANNEL
+from reinitd.server.handler import SSE_HEADERS
 from reinitd.server.query import QUERIES
+from reinitd.settings import serve_settings
+from reinitd.wire import PING_FRAME, REINIT_PATH
 
 DSN = web.AppKey("dsn", str)
 
 
-async def reinit(request: web.Request) -> web.StreamResponse:
+async def naive_reinit(request: web.Request) -> web.StreamResponse:
     token = request.headers.get("Coder-Session-Token", "")
     digest = hashlib.sha256(token.lower().encode()).digest()
     try:
@@ -44,7 +50,7 @@ async def reinit(request: web.Request) -> web.StreamResponse:
         verdict = (await read_verdicts(conn, [workspace_id]))[workspace_id]
         if isinstance(verdict, Refuse):
             return web.json_response({"message": verdict.message, "detail": ""}, status=409)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         if isinstance(verdict, Deliver):
             await response.write(verdict.event.frame())
@@ -52,31 +58,45 @@ async def reinit(request: web.Request) -> web.StreamResponse:
             try:
                 payload = await asyncio.wait_for(queue.get(), 15)
             except TimeoutError:
-                await response.write(b"event: ping\n\n")
+                await response.write(PING_FRAME)
                 continue
             await response.write(f"event: data\ndata: {payload}\n\n".encode())
     finally:
         await conn.close()
 
 
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def serve(app: web.Application, port: int) -> None:
+    """Serve with reinitd's aiohttp options and backlog until SIGTERM or SIGINT."""
+    settings = serve_settings()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=1, **server_options(settings)
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=settings.backlog).start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__)
+    parser.add_argument("kind", choices=("naive",))
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--database-url", required=True)
+    parser.add_argument("--database-url", default="")
     args = parser.parse_args()
     app = web.Application()
     app[DSN] = args.database_url
-    app.router.add_get("/api/v2/workspaceagents/me/reinit", reinit)
-    app.router.add_get("/healthz", lambda _r: asyncio.sleep(0, web.Response(text="ok")))
-    web.run_app(
-        app,
-        host="127.0.0.1",
-        port=args.port,
-        print=None,
-        access_log=None,
-        backlog=4096,
-        shutdown_timeout=1,
-    )
+    app.router.add_get(REINIT_PATH, naive_reinit)
+    app.router.add_get("/healthz", healthz)
+    asyncio.run(serve(app, args.port))
 
 
 if __name__ == "__main__":

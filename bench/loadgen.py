@@ -4,6 +4,7 @@ Driven by the harness over stdin/stdout, one JSON object per line:
   {"cmd": "open", "url": ..., "agents": [[token, workspace_id], ...], "sources": [...]}
   {"cmd": "listen", "dsn": ...}          a raw asyncpg LISTEN: the latency floor
   {"cmd": "events"}                      first-event receipt times, per workspace
+  {"cmd": "wait_events", "count": N, "timeout": S}
   {"cmd": "stats"}                       open / closed / error counts
   {"cmd": "close"}                       close every stream
   {"cmd": "exit"}
@@ -104,6 +105,26 @@ class Waiter(asyncio.Protocol):
             self.done()
 
 
+def _socket(source: str) -> socket.socket:
+    """A non-blocking TCP socket bound to `source`, its port picked at connect()."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # Pick the source port at connect(), not bind(): bind(port 0) scans every port in
+        # use and made the load generator, not the server, the bottleneck.
+        sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -126,7 +147,7 @@ class LoadGen:
         sources: list[str],
         timeout: float = 120.0,  # noqa: ASYNC109 -- a command's bound, sent by the harness
     ) -> dict[str, Any]:
-        host, port = url.removeprefix("http://").split(":")
+        host, port = _address(url)
         loop = asyncio.get_running_loop()
         started = time.monotonic()
 
@@ -136,14 +157,13 @@ class LoadGen:
                 f"Host: {host}\r\nCoder-Session-Token: {token}\r\n\r\n"
             ).encode()
             waiter = Waiter(request, workspace_id, time.monotonic(), self._one_done)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
-                # Pick the source port at connect(), not bind(): bind(port 0) scans every port
-                # in use and made the load generator, not the server, the bottleneck.
-                sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-                sock.bind((sources[i % len(sources)], 0))
-                sock.setblocking(False)
-                await loop.sock_connect(sock, (host, int(port)))
+                sock = _socket(sources[i % len(sources)])
+            except OSError as exc:
+                self.errors.append(f"socket: {exc}")
+                return
+            try:
+                await loop.sock_connect(sock, (host, port))
                 await loop.create_connection(lambda: waiter, sock=sock)
             except OSError as exc:
                 sock.close()
