@@ -1,8 +1,8 @@
 """`make bench` (`python -m bench`): capacity, latency, storms, floods and baselines, in one run.
 
 Starts its own PostgreSQL, reinitd servers and baseline servers, drives load from separate
-load-generator processes over loopback, prints a summary and writes every figure to
-bench-results/latest.json. Not part of `make test`.
+load-generator processes over loopback, prints a summary (each figure beside its same-run
+baseline) and writes every figure to bench-results/latest.json. Not part of `make test`.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for workers in range(1, args.max_workers + 1):
             await repeat(
                 f"storm_w{workers}",
-                f"storm of {args.storm}, {workers} worker(s)",
+                f"storm of {args.storm} beside plain aiohttp, {workers} worker(s)",
                 storm(workers),
                 args.runs,
             )

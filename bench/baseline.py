@@ -1,9 +1,12 @@
-"""The baseline reinitd is measured against, a server process of its own.
+"""The baselines reinitd is measured against, each a server process of its own.
 
 `naive`: reinitd's endpoint and frames (auth, durable read, SSE) with none of its design:
 every request opens a PostgreSQL connection, LISTENs, reads, and waits on it.
+`plain`: aiohttp alone, no database: reinitd's SSE headers, each stream held on an asyncio
+queue, the same server options and backlog. What the framework costs per connect and per
+idle stream, the floor reinitd's own figures are divided by.
 
-Run: python -m bench.baseline naive --port P --database-url DSN.
+Run: python -m bench.baseline {naive,plain} --port P [--database-url DSN].
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from reinitd.settings import serve_settings
 from reinitd.wire import PING_FRAME, REINIT_PATH
 
 DSN = web.AppKey("dsn", str)
+STREAMS = web.AppKey("streams", set[asyncio.Queue[bytes]])
 
 
 async def naive_reinit(request: web.Request) -> web.StreamResponse:
@@ -65,6 +69,20 @@ async def naive_reinit(request: web.Request) -> web.StreamResponse:
         await conn.close()
 
 
+async def plain_reinit(request: web.Request) -> web.StreamResponse:
+    """The headers, then the stream waits on its own queue (nobody writes to it here)."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=16)
+    streams = request.app[STREAMS]
+    streams.add(queue)
+    try:
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        while True:
+            await response.write(await queue.get())
+    finally:
+        streams.discard(queue)
+
+
 async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -88,13 +106,14 @@ async def serve(app: web.Application, port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__)
-    parser.add_argument("kind", choices=("naive",))
+    parser.add_argument("kind", choices=("naive", "plain"))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--database-url", default="")
     args = parser.parse_args()
     app = web.Application()
     app[DSN] = args.database_url
-    app.router.add_get(REINIT_PATH, naive_reinit)
+    app[STREAMS] = set()
+    app.router.add_get(REINIT_PATH, naive_reinit if args.kind == "naive" else plain_reinit)
     app.router.add_get("/healthz", healthz)
     asyncio.run(serve(app, args.port))
 

@@ -1,5 +1,5 @@
 """The printed summary of a benchmark run: one line per scenario (median [min .. max] of
-the runs)."""
+the runs), each figure beside its same-run baseline, and a sizing rule."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def _latency(s: _Section) -> str:
         f"LISTEN): p50 {s('floor_p50_ms', '{:.2f}')} ms, p99 {s('floor_p99_ms', '{:.2f}')} ms. "
         f"reinitd p99 minus floor p99: {s('p99_minus_floor_p99_ms', '{:.2f}')} ms; per-claim "
         f"overhead over the floor p50 {s('overhead_p50_ms', '{:.2f}')} ms, p99 "
-        f"{s('overhead_p99_ms', '{:.2f}')} ms"
+        f"{s('overhead_p99_ms', '{:.2f}')} ms; server CPU per claim (paced, idle upkeep "
+        f"included) {s('server_cpu_per_claim_us', '{:.0f}')} µs"
     )
 
 
@@ -59,20 +60,27 @@ def _burst(s: _Section) -> str:
     return (
         f"   Burst, all claims in one transaction: {s('delivered', '{:.0f}')} of "
         f"{s('waiters', '{:.0f}')} delivered, the last {s('all_delivered_s', '{:.3f}')} s "
-        f"after COMMIT"
+        f"after COMMIT; CPU per delivered claim: server "
+        f"{s('server_cpu_per_claim_us', '{:.0f}')} µs, PostgreSQL "
+        f"{s('postgres_cpu_per_claim_us', '{:.0f}')} µs"
     )
 
 
 def _storm(s: _Section) -> str:
     return (
         f"3. Reconnect storm, {s.first('agents')} wait=true agents at once, "
-        f"{s.first('workers')} worker(s): {s('connects_per_s', '{:.0f}')} connects/s; server "
-        f"CPU per connect {s('server_cpu_per_connect_ms', '{:.3f}')} ms (PostgreSQL "
+        f"{s.first('workers')} worker(s), beside plain aiohttp (no database) in the same run: "
+        f"{s('connects_per_s', '{:.0f}')} connects/s vs {s('plain_connects_per_s', '{:.0f}')} "
+        f"= {s('connects_ratio', '{:.2f}')}x; server CPU per connect "
+        f"{s('server_cpu_per_connect_ms', '{:.3f}')} ms vs "
+        f"{s('plain_server_cpu_per_connect_ms', '{:.3f}')} ms = "
+        f"{s('cpu_per_connect_ratio', '{:.2f}')}x (PostgreSQL "
         f"{s('postgres_cpu_per_connect_ms', '{:.3f}')} ms more); memory per idle stream "
-        f"{s('memory_per_stream_kb', '{:.2f}')} KB; errors {s('errors', '{:.0f}')}; time to "
-        f"first byte p50 {s('ttfb_p50_ms', '{:.0f}')} ms, p99 {s('ttfb_p99_ms', '{:.0f}')} ms; "
-        f"already-claimed agents served {s('claimed_delivered', '{:.0f}')} of "
-        f"{s('claimed', '{:.0f}')}"
+        f"{s('memory_per_stream_kb', '{:.2f}')} KB vs {s('plain_memory_per_stream_kb', '{:.2f}')}"
+        f" KB = {s('memory_per_stream_ratio', '{:.2f}')}x; errors {s('errors', '{:.0f}')} "
+        f"(plain {s('plain_errors', '{:.0f}')}); time to first byte p50 "
+        f"{s('ttfb_p50_ms', '{:.0f}')} ms, p99 {s('ttfb_p99_ms', '{:.0f}')} ms; already-claimed "
+        f"agents served {s('claimed_delivered', '{:.0f}')} of {s('claimed', '{:.0f}')}"
     )
 
 
@@ -110,6 +118,82 @@ def _recovery(rec: Figures) -> str:
     )
 
 
+def _baselines(out: Figures) -> list[str]:
+    """reinitd's figure, the same run's baseline and the ratio, side by side (medians)."""
+    rows: list[tuple[str, str, str, str]] = []
+    for key in sorted(k for k in out if k.startswith("storm_w")):
+        s, w = _Section(out[key]), f"{out[key]['runs'][0]['workers']}w"
+        rows += [
+            (
+                f"storm connects/s ({w})",
+                f"{s.median('connects_per_s'):.0f}",
+                f"{s.median('plain_connects_per_s'):.0f} plain",
+                f"{s.median('connects_ratio'):.2f}x",
+            ),
+            (
+                f"server CPU per connect, ms ({w})",
+                f"{s.median('server_cpu_per_connect_ms'):.3f}",
+                f"{s.median('plain_server_cpu_per_connect_ms'):.3f} plain",
+                f"{s.median('cpu_per_connect_ratio'):.2f}x",
+            ),
+            (
+                f"memory per idle stream, KB ({w})",
+                f"{s.median('memory_per_stream_kb'):.2f}",
+                f"{s.median('plain_memory_per_stream_kb'):.2f} plain",
+                f"{s.median('memory_per_stream_ratio'):.2f}x",
+            ),
+        ]
+    if "latency" in out:
+        s = _Section(out["latency"])
+        rows.append(
+            (
+                "claim -> frame p99, ms",
+                f"{s.median('p99_ms'):.2f}",
+                f"{s.median('floor_p99_ms'):.2f} LISTEN",
+                f"{s.median('p99_minus_floor_p99_ms'):+.2f} ms",
+            )
+        )
+    if not rows:
+        return []
+    header = ("same-run baselines (medians)", "reinitd", "baseline", "ratio")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+def _sizing(out: Figures) -> list[str]:
+    """Claims/s and agents per core, from the server's own CPU (medians)."""
+    parts = []
+    if "storm_w1" in out:
+        s = _Section(out["storm_w1"])
+        parts.append(
+            f"a core connects ~{1000 / s.median('server_cpu_per_connect_ms'):.0f} agents/s "
+            f"(PostgreSQL adds {s.median('postgres_cpu_per_connect_ms'):.3f} ms per connect)"
+        )
+    if "burst" in out:
+        s = _Section(out["burst"])
+        parts.append(
+            f"delivers ~{1e6 / s.median('server_cpu_per_claim_us'):.0f} claims/s in bursts"
+        )
+    if "latency" in out:
+        s = _Section(out["latency"])
+        parts.append(
+            f"~{1e6 / s.median('server_cpu_per_claim_us'):.0f} claims/s one at a time "
+            "(idle upkeep included)"
+        )
+    if "capacity_w1" in out:
+        s = _Section(out["capacity_w1"])
+        upkeep = 1e4 * s.median("idle_cpu_percent") / max(1.0, s.median("waiters"))
+        parts.append(
+            f"holds idle agents at {s.median('rss_per_waiter_kb'):.1f} KB each and "
+            f"{upkeep:.2f} % of a core per 10 000 agents with a ping every "
+            f"{s.first('ping_interval_s'):g} s"
+        )
+    return [f"Sizing (server process CPU only): {'; '.join(parts)}."] if parts else []
+
+
 def report(out: Figures) -> str:
     lines = [f"reinitd benchmark: {out['machine']}", "(median [min .. max] of the runs)", ""]
     for key in sorted(k for k in out if k.startswith("capacity_w")):
@@ -126,4 +210,7 @@ def report(out: Figures) -> str:
         lines.append(_naive(out["naive"]["runs"][0], out))
     if "recovery" in out:
         lines.append(_recovery(out["recovery"]["runs"][0]))
+    for block in (_baselines(out), _sizing(out)):
+        if block:
+            lines += ["", *block]
     return "\n".join(lines)

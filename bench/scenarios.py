@@ -27,6 +27,7 @@ from bench.measure import (
     open_files,
     pct,
     pss_kb,
+    ratio,
     rss_kb,
     settled_kb,
     tree,
@@ -112,8 +113,9 @@ class Scenarios:
         await self.h.db.sql("unclaim", [uuid.UUID(w) for _, w in agents])
         await self.h.db.sql("settle")
 
-    def _postgres(self) -> list[int]:
-        return tree(self.h.db.postmaster_pid())
+    def _postgres(self, but: int = 0) -> list[int]:
+        """PostgreSQL's processes (but the backend `but`)."""
+        return [pid for pid in tree(self.h.db.postmaster_pid()) if pid != but]
 
     async def capacity(self, per_worker: int, workers: int) -> dict[str, Any]:
         """`per_worker` idle wait=true streams per worker, from one load generator per
@@ -165,35 +167,53 @@ class Scenarios:
 
     async def latency(self, n: int, claims: int, rate: float) -> dict[str, Any]:
         """`claims` claims at `rate` per second while `n` streams wait: commit-to-frame
-        times beside a raw asyncpg LISTEN on the same NOTIFYs (the floor)."""
+        times beside a raw asyncpg LISTEN on the same NOTIFYs (the floor), and the server's
+        CPU per claim (paced, so the idle streams' upkeep is included)."""
         agents = self.agents[:n]
         targets = agents[:: max(1, n // claims)][:claims]
         async with self.h.reinitd() as server, loadgens(1) as gens:
             opened = await gens.open(server.url, agents)
             await gens.listen(self.h.db.owner_dsn)
+            pids = tree(server.process.pid)
+            cpu = cpu_seconds(pids)
             sent = await self.claim_paced(targets, rate)
             got = await gens.wait_events(len(targets), 10)
+            cpu = cpu_seconds(pids) - cpu
             _, floor = await gens.events()
             inside = await server_timings(server.url)
         await self.unclaim(targets)
-        return {"waiters": opened["registered"], **latency_figures(sent, got, floor), **inside}
+        figures = latency_figures(sent, got, floor)
+        return {
+            "waiters": opened["registered"],
+            **figures,
+            "server_cpu_per_claim_us": 1e6 * cpu / max(1, figures["delivered"]),
+            **inside,
+        }
 
     async def burst(self, n: int) -> dict[str, Any]:
         """`n` streams wait; all `n` claims commit in one transaction: time from COMMIT to
-        the last frame."""
+        the last frame, and the CPU per delivered claim of the server and of PostgreSQL
+        (PostgreSQL's counted from COMMIT on: the doorbell reads, not the claims)."""
         agents = self.agents[:n]
         async with self.h.reinitd() as server, loadgens(1) as gens:
             opened = await gens.open(server.url, agents)
+            pids = tree(server.process.pid)
             conn = await self.h.db.connect()
             try:
+                server_cpu = cpu_seconds(pids)
                 async with conn.transaction():
                     await conn.execute(
                         BENCH_SQL["claim_many"], [uuid.UUID(w) for _, w in agents], self.owner
                     )
                     committed = time.monotonic()  # COMMIT is sent as the block exits
+                # Not the claiming backend's: it exits before the second reading.
+                claimer = conn.get_server_pid()
+                postgres_cpu = cpu_seconds(self._postgres(but=claimer))
             finally:
                 await conn.close()
             got = await gens.wait_events(n, 15)
+            server_cpu = cpu_seconds(pids) - server_cpu
+            postgres_cpu = cpu_seconds(self._postgres(but=claimer)) - postgres_cpu
             inside = await server_timings(server.url)
         await self.unclaim(agents)
         return {
@@ -202,13 +222,19 @@ class Scenarios:
             "errors": opened["errors"],
             "error_samples": opened["error_samples"],
             "all_delivered_s": max(got.values()) - committed if got else NAN,
+            "server_cpu_per_claim_us": 1e6 * server_cpu / max(1, len(got)),
+            "postgres_cpu_per_claim_us": 1e6 * postgres_cpu / max(1, len(got)),
             **inside,
         }
 
     async def storm(self, n: int, workers: int, claimed_share: float = 0.1) -> dict[str, Any]:
-        """`n` agents connect at once (wait=true), 10 % of them already claimed: connects/s,
-        server CPU per connect and memory per idle stream."""
+        """`n` agents connect at once (wait=true), 10 % of them already claimed; the same
+        crowd first against the plain aiohttp baseline, in the same run. Connects/s, server
+        CPU per connect and memory per idle stream, each beside the baseline's, and the
+        ratios (reinitd over baseline)."""
         agents = self.agents[:n]
+        async with self.h.baseline("plain") as plain:
+            base = await self._crowd(plain, agents, claimed=0)
         claimed = agents[: int(n * claimed_share)]
         await self.h.db.sql("claim_many", [uuid.UUID(w) for _, w in claimed], self.owner)
         try:
@@ -216,7 +242,19 @@ class Scenarios:
                 ours = await self._crowd(server, agents, claimed=len(claimed))
         finally:
             await self.unclaim(claimed)
-        return {"workers": workers, "agents": n, **ours}
+        return {
+            "workers": workers,
+            "agents": n,
+            **ours,
+            **{f"plain_{key}": value for key, value in base.items()},
+            "connects_ratio": ratio(ours["connects_per_s"], base["connects_per_s"]),
+            "cpu_per_connect_ratio": ratio(
+                ours["server_cpu_per_connect_ms"], base["server_cpu_per_connect_ms"]
+            ),
+            "memory_per_stream_ratio": ratio(
+                ours["memory_per_stream_kb"], base["memory_per_stream_kb"]
+            ),
+        }
 
     async def _crowd(self, server: ServerProcess, agents: Agents, claimed: int) -> dict[str, Any]:
         """Open every agent's stream at once against `server` and measure what it cost."""
