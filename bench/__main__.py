@@ -27,7 +27,7 @@ from bench.scenarios import Scenarios
 from reinitd.server.embedded import Cluster, ensure_cluster
 from reinitd.server.migration import migrate
 
-SECTIONS = ("capacity", "latency", "burst", "storm", "forged", "naive", "recovery")
+SECTIONS = ("capacity", "latency", "burst", "storm", "forged", "flood", "naive", "recovery")
 Run = Callable[[], Awaitable[dict[str, Any]]]
 
 
@@ -55,7 +55,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     cluster.max_connections = args.max_connections
     cluster.restart()
     try:
-        prebuilds = max(args.waiters * args.max_workers, args.storm, args.latency_waiters)
+        prebuilds = max(
+            args.waiters * args.max_workers, args.storm, args.latency_waiters, args.flood_streams
+        )
         bench = await prepare(cluster, root, prebuilds)
         out: dict[str, Any] = {
             "machine": {
@@ -116,6 +118,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             lambda: bench.forged(args.latency_waiters, 10.0, 20.0),
             args.runs,
         )
+        await repeat(
+            "flood",
+            f"idle-socket flood of 2 x {args.flood} connections",
+            lambda: bench.flood(args.flood_streams, args.flood),
+            1,
+        )
         await repeat("naive", "naive baseline", lambda: bench.naive(args.naive_limit), 1)
         await repeat("recovery", "recovery", bench.recovery, 1)
         return out
@@ -143,6 +151,8 @@ def main() -> None:
     add("--claims", type=int, default=1000, help="latency: claims made")
     add("--rate", type=float, default=200.0, help="latency: claims per second")
     add("--storm", type=int, default=10_000, help="storm: agents connecting at once")
+    add("--flood", type=int, default=10_000, help="idle connections per flooding process (2)")
+    add("--flood-streams", type=int, default=1000, help="streams open during the idle flood")
     add("--naive-limit", type=int, default=1100, help="naive: stop after this many waiters")
     add("--max-connections", type=int, default=1000, help="PostgreSQL's max_connections")
     add("--only", default=",".join(SECTIONS), help="comma-separated sections to run")

@@ -145,6 +145,22 @@ class LoadGens:
             "events": sum(r["events"] for r in replies),
         }
 
+    async def open_idle(self, url: str, per_gen: int) -> dict[str, Any]:
+        """`per_gen` connections from each generator that never send a byte."""
+        replies = await asyncio.gather(
+            *(
+                gen.call("idle", url=url, count=per_gen, sources=sources(gen.index, per_gen))
+                for gen in self.gens
+            )
+        )
+        out: dict[str, Any] = {
+            key: sum(r[key] for r in replies)
+            for key in ("requested", "connected", "timed_out", "failed")
+        }
+        out["error_samples"] = [s for r in replies for s in r["error_samples"]][:5]
+        out["elapsed_s"] = max(r["elapsed_s"] for r in replies)
+        return out
+
     async def listen(self, dsn: str) -> None:
         """A raw asyncpg LISTEN in the first generator: the latency floor."""
         await self.gens[0].call("listen", dsn=dsn)
@@ -172,6 +188,10 @@ class LoadGens:
     async def stats(self) -> dict[str, int]:
         replies = [await gen.call("stats") for gen in self.gens]
         return {key: sum(r[key] for r in replies) for key in replies[0]}
+
+    async def close(self) -> None:
+        for gen in self.gens:
+            await gen.call("close")
 
 
 @contextlib.asynccontextmanager
@@ -203,6 +223,29 @@ async def probe(url: str, path: str, limit: float = 5.0) -> tuple[int, float]:
             return response.status, time.monotonic() - started
     except (aiohttp.ClientError, TimeoutError):
         return 0, time.monotonic() - started
+
+
+async def probes(
+    url: str, path: str, count: int = 5, spacing: float = 0.5
+) -> list[tuple[int, float]]:
+    """`count` probes, one every `spacing` seconds (or as soon as the previous one ended)."""
+    results = []
+    for _ in range(count):
+        started = time.monotonic()
+        results.append(await probe(url, path))
+        await asyncio.sleep(max(0.0, started + spacing - time.monotonic()))  # pacing
+    return results
+
+
+async def until_healthy(url: str, limit: float = 30.0) -> float:
+    """Seconds until /healthz answers 200 (probed on fresh connections); nan after `limit`."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        status, _ = await probe(url, "/healthz", limit=min(5.0, limit))
+        if status == 200:
+            return time.monotonic() - started
+        await asyncio.sleep(0.1)
+    return float("nan")
 
 
 async def server_timings(url: str) -> dict[str, float]:

@@ -2,11 +2,12 @@
 
 Driven by the harness over stdin/stdout, one JSON object per line:
   {"cmd": "open", "url": ..., "agents": [[token, workspace_id], ...], "sources": [...]}
+  {"cmd": "idle", "url": ..., "count": N, "sources": [...]}   connect, then send nothing
   {"cmd": "listen", "dsn": ...}          a raw asyncpg LISTEN: the latency floor
   {"cmd": "events"}                      first-event receipt times, per workspace
   {"cmd": "wait_events", "count": N, "timeout": S}
-  {"cmd": "stats"}                       open / closed / error counts
-  {"cmd": "close"}                       close every stream
+  {"cmd": "stats"}                       open / closed / error counts, streams and idle
+  {"cmd": "close"}                       close every stream and idle connection
   {"cmd": "exit"}
 Times are CLOCK_MONOTONIC, comparable across processes on one machine.
 """
@@ -105,6 +106,23 @@ class Waiter(asyncio.Protocol):
             self.done()
 
 
+class Idle(asyncio.Protocol):
+    """A connection that never sends a byte; notes whether the server closed it."""
+
+    __slots__ = ("closed", "transport")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+
+
 def _socket(source: str) -> socket.socket:
     """A non-blocking TCP socket bound to `source`, its port picked at connect()."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -135,6 +153,7 @@ def _percentile(values: list[float], q: float) -> float:
 class LoadGen:
     def __init__(self) -> None:
         self.waiters: list[Waiter] = []
+        self.idle: list[Idle] = []
         self.errors: list[str] = []
         self.floor: dict[str, float] = {}
         self.listen_conn: asyncpg.Connection | None = None
@@ -205,6 +224,48 @@ class LoadGen:
             "started_at": started,
         }
 
+    async def open_idle(
+        self, url: str, count: int, sources: list[str], connect_timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """Open `count` connections that send nothing, all at once; a connect that takes
+        longer than `connect_timeout` (a full accept queue drops SYNs) is given up."""
+        address = _address(url)
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        outcomes = {"connected": 0, "timed_out": 0, "failed": 0}
+        samples: list[str] = []
+
+        async def connect(i: int) -> None:
+            try:
+                sock = _socket(sources[i % len(sources)])
+            except OSError as exc:
+                outcomes["failed"] += 1
+                samples.append(f"socket: {exc}")
+                return
+            try:
+                async with asyncio.timeout(connect_timeout):
+                    await loop.sock_connect(sock, address)
+                _transport, idle = await loop.create_connection(Idle, sock=sock)
+            except TimeoutError:
+                sock.close()
+                outcomes["timed_out"] += 1
+                return
+            except OSError as exc:
+                sock.close()
+                outcomes["failed"] += 1
+                samples.append(f"connect: {exc}")
+                return
+            outcomes["connected"] += 1
+            self.idle.append(idle)
+
+        await asyncio.gather(*(connect(i) for i in range(count)))
+        return {
+            "requested": count,
+            **outcomes,
+            "error_samples": samples[:5],
+            "elapsed_s": time.monotonic() - started,
+        }
+
     async def listen(self, dsn: str) -> dict[str, Any]:
         self.listen_conn = await asyncpg.connect(dsn)
 
@@ -241,14 +302,17 @@ class LoadGen:
             "open": sum(1 for w in self.waiters if not w.closed),
             "closed": sum(1 for w in self.waiters if w.closed),
             "errors": len(self.errors),
+            "idle_open": sum(1 for c in self.idle if not c.closed),
+            "idle_closed": sum(1 for c in self.idle if c.closed),
         }
 
     def close(self) -> dict[str, Any]:
-        for waiter in self.waiters:
-            if waiter.transport is not None:
-                waiter.transport.abort()
-        count = len(self.waiters)
-        self.waiters, self.errors = [], []
+        transports = [c.transport for c in self.waiters] + [c.transport for c in self.idle]
+        for transport in transports:
+            if transport is not None:
+                transport.abort()
+        count = len(self.waiters) + len(self.idle)
+        self.waiters, self.idle, self.errors = [], [], []
         EVENTS.seen = 0
         return {"closed": count}
 
@@ -267,6 +331,8 @@ async def main() -> None:
             break
         if cmd == "open":
             reply = await gen.open(**request)
+        elif cmd == "idle":
+            reply = await gen.open_idle(**request)
         elif cmd == "listen":
             reply = await gen.listen(**request)
         elif cmd == "events":

@@ -96,6 +96,27 @@ def _forged(s: _Section) -> str:
     )
 
 
+def _flood(s: _Section) -> str:
+    return (
+        f"   Idle-socket flood, 2 x {s.first('idle_requested') // 2} connections that send "
+        f"nothing ({s('idle_connected', '{:.0f}')} connected as the clients see it, "
+        f"{s('idle_timed_out', '{:.0f}')} timed out, {s('idle_failed', '{:.0f}')} failed; "
+        f"{s('idle_still_open', '{:.0f}')} still open after {s('flood_s', '{:.1f}')} s), "
+        f"{s.first('streams')} streams open: server files once it landed "
+        f"{s('server_files_in_flood', '{:.0f}')}, CPU {s('server_cpu_percent', '{:.0f}')} % of "
+        f"a core; /healthz p50 {s('healthz_p50_ms', '{:.1f}')} ms, max "
+        f"{s('healthz_max_ms', '{:.1f}')} ms, {s('healthz_failed', '{:.0f}')} of "
+        f"{s.first('healthz_probes')} failed; /readyz p50 {s('readyz_p50_ms', '{:.1f}')} ms, "
+        f"{s('readyz_failed', '{:.0f}')} of {s.first('readyz_probes')} failed; claims to open "
+        f"streams {s('claim_delivered', '{:.0f}')} of {s('claim_claims', '{:.0f}')} delivered, "
+        f"p50 {s('claim_p50_ms', '{:.1f}')} ms, max {s('claim_max_ms', '{:.1f}')} ms (floor "
+        f"p50 {s('claim_floor_p50_ms', '{:.1f}')} ms); log grew {s('log_mb', '{:.2f}')} MB "
+        f"({s('log_mb_per_s', '{:.2f}')} MB/s, {s('log_lines', '{:.0f}')} lines, most: "
+        f"{s.first('log_top_events')}); /healthz answered "
+        f"{s('healthz_after_flood_s', '{:.2f}')} s after the flood closed"
+    )
+
+
 def _naive(naive: Figures, out: Figures) -> str:
     line = (
         f"4. Naive baseline (a connection and LISTEN per request): held "
@@ -206,6 +227,8 @@ def report(out: Figures) -> str:
         lines.append(_storm(_Section(out[key])))
     if "forged" in out:
         lines.append(_forged(_Section(out["forged"])))
+    if "flood" in out:
+        lines.append(_flood(_Section(out["flood"])))
     if "naive" in out:
         lines.append(_naive(out["naive"]["runs"][0], out))
     if "recovery" in out:

@@ -4,9 +4,11 @@ docstring; it returns one run's figures as a flat dict (numbers are summarised o
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,9 @@ from bench.harness import (
     loadgens,
     loadgens_for,
     probe,
+    probes,
     server_timings,
+    until_healthy,
 )
 from bench.measure import (
     cpu_seconds,
@@ -29,6 +33,7 @@ from bench.measure import (
     pss_kb,
     ratio,
     rss_kb,
+    settled,
     settled_kb,
     tree,
 )
@@ -42,6 +47,8 @@ IDLE_WINDOW = 10.0  # seconds of idle CPU measured at capacity
 # --max-streams at capacity: above what SO_REUSEPORT's hashing gives one worker (a few
 # hundred over the mean), below its 20 000 open files.
 STREAMS_HEADROOM = 500
+# An event's name, or the first words of a foreign message (up to its first escape).
+_EVENT = re.compile(rb'"event": "([^"\\]{1,60})')
 
 
 def latency_figures(
@@ -79,6 +86,15 @@ def log_since(path: Path, offset: int) -> bytes:
     with path.open("rb") as log:
         log.seek(offset)
         return log.read()
+
+
+def top_events(lines: list[bytes], count: int = 3) -> str:
+    """The log's most frequent event names, e.g. `http_request x120, ...`."""
+    names = Counter(
+        match.group(1).decode(errors="replace") if (match := _EVENT.search(line)) else "(other)"
+        for line in lines
+    )
+    return ", ".join(f"{name} x{n}" for name, n in names.most_common(count)) or "none"
 
 
 async def _sigterm(server: ServerProcess) -> float:
@@ -346,6 +362,69 @@ class Scenarios:
         finally:
             await conn.close()
         return sent
+
+    async def flood(
+        self, streams: int, per_process: int, claims: int = 10, rate: float = 5.0
+    ) -> dict[str, Any]:
+        """Two load processes open `per_process` idle TCP connections each and send nothing,
+        against a server holding `streams` open streams and logging JSON at its default
+        level into a file. Then, with the flood in place: /healthz and /readyz latency (a few
+        probes on fresh connections), the delay of `claims` claims to open streams (beside
+        the raw-LISTEN floor), the server's open files, CPU and the bytes its log grew by;
+        once the flood is gone, how long until /healthz answers. Timeouts are counted."""
+        agents = self.agents[:streams]
+        targets = agents[:: max(1, streams // claims)][:claims]
+        async with (
+            self.h.reinitd(log_level="info") as server,
+            loadgens(1) as crowd,
+            loadgens(2, first=1) as flooders,
+        ):
+            opened = await crowd.open(server.url, agents)
+            await crowd.listen(self.h.db.owner_dsn)
+            pid = server.process.pid
+            offset = (await asyncio.to_thread(server.log_path.stat)).st_size
+            cpu, started = cpu_seconds([pid]), time.monotonic()
+            idle = await flooders.open_idle(server.url, per_process)
+            files = await settled(lambda: open_files(pid), slack=5)  # the flood has landed
+            healthz, readyz, sent = await asyncio.gather(
+                probes(server.url, "/healthz"),
+                probes(server.url, "/readyz"),
+                self.claim_paced(targets, rate),
+            )
+            got = await crowd.wait_events(len(targets), 30)
+            _, floor = await crowd.events()
+            held = await flooders.stats()
+            elapsed = time.monotonic() - started
+            cpu = cpu_seconds([pid]) - cpu
+            grown = await asyncio.to_thread(log_since, server.log_path, offset)
+            await flooders.close()
+            recovered_s = await until_healthy(server.url)
+            closed = (await crowd.stats())["closed"]
+        await self.unclaim(targets)
+        lines = grown.splitlines()
+        return {
+            "streams": opened["registered"],
+            "idle_requested": idle["requested"],
+            "idle_connected": idle["connected"],
+            "idle_timed_out": idle["timed_out"],
+            "idle_failed": idle["failed"],
+            "idle_error_samples": idle["error_samples"],
+            "idle_open_s": idle["elapsed_s"],
+            "idle_still_open": held["idle_open"],
+            "server_files_in_flood": files,
+            "server_cpu_percent": 100 * cpu / elapsed,
+            "flood_s": elapsed,
+            **probe_figures("healthz", healthz),
+            **probe_figures("readyz", readyz),
+            **{f"claim_{key}": value for key, value in latency_figures(sent, got, floor).items()},
+            "streams_closed": closed,
+            "log_bytes": len(grown),
+            "log_mb": len(grown) / 1e6,
+            "log_mb_per_s": len(grown) / 1e6 / elapsed,
+            "log_lines": len(lines),
+            "log_top_events": top_events(lines),
+            "healthz_after_flood_s": recovered_s,
+        }
 
     async def naive(self, limit: int, step: int = 50) -> dict[str, Any]:
         """The naive baseline (a PostgreSQL connection and LISTEN per request) takes
