@@ -33,16 +33,16 @@ test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check reinitd tests
-	$(BIN)/ruff format --check reinitd tests
+	$(BIN)/ruff check reinitd tests bench
+	$(BIN)/ruff format --check reinitd tests bench
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix reinitd tests
-	$(BIN)/ruff format reinitd tests
+	$(BIN)/ruff check --fix reinitd tests bench
+	$(BIN)/ruff format reinitd tests bench
 
 bench: $(STAMP)
-	$(BIN)/python -m tests.benchmarks
+	$(BIN)/python -m bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .reinitd .mypy_cache .ruff_cache .pytest_cache *.egg-info

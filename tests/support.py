@@ -1,5 +1,5 @@
 """Test helpers for both tiers: a strict SSE frame reader, SQL API shortcuts, bounded waits,
-and starting reinitd apps and processes."""
+and starting reinitd apps and processes (the server-process helpers serve `bench` too)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import re
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +156,8 @@ def sample(name: str, **labels: str) -> float:
 
 @dataclass
 class ServerProcess:
-    """A `reinitd serve` subprocess, as an operator runs it."""
+    """A server subprocess (`reinitd serve`, or a benchmark baseline), its stdout and stderr
+    in one file."""
 
     process: asyncio.subprocess.Process
     url: str
@@ -168,19 +169,21 @@ class ServerProcess:
         return [json.loads(line) for line in lines if line.startswith("{")]
 
 
+async def python_module(
+    *argv: str, env: dict[str, str] | None = None, **kwargs: Any
+) -> asyncio.subprocess.Process:
+    """`python -m ARGV` as a subprocess (stdin closed unless given; other streams as given)."""
+    kwargs.setdefault("stdin", asyncio.subprocess.DEVNULL)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", *argv, env=env if env is not None else dict(os.environ), **kwargs
+    )
+
+
 async def reinitd_process(
     *args: str, env: dict[str, str] | None = None, **kwargs: Any
 ) -> asyncio.subprocess.Process:
     """`python -m reinitd ARGS` as a subprocess (stdin closed; other streams as given)."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "reinitd",
-        *args,
-        env=env if env is not None else dict(os.environ),
-        stdin=asyncio.subprocess.DEVNULL,
-        **kwargs,
-    )
+    return await python_module("reinitd", *args, env=env, **kwargs)
 
 
 def serve_args(port: int, *extra: str) -> list[str]:
@@ -201,17 +204,68 @@ async def stop_process(process: asyncio.subprocess.Process, timeout: float = 15)
         await process.wait()
 
 
-async def wait_ready(url: str, process: asyncio.subprocess.Process, timeout: float = 30) -> None:
-    """Poll /readyz until 200; fail at once if the process exits first."""
+# Printed on stderr by every `reinitd serve` process once it accepts connections.
+SERVING = b"reinitd: serving on "
+
+
+async def wait_ready(
+    url: str,
+    process: asyncio.subprocess.Process,
+    timeout: float = 30,
+    *,
+    path: str = "/readyz",
+    workers: int = 1,
+    log_path: Path | None = None,
+) -> None:
+    """Poll `path` until 200 and, with several workers, until the log at `log_path` shows each
+    of them serving (one request reaches only one worker); fail at once if the process exits
+    first."""
     async with aiohttp.ClientSession() as session, asyncio.timeout(timeout):
         while True:
             if process.returncode is not None:
                 raise RuntimeError(f"server exited with {process.returncode}")
+            serving = workers == 1 or (
+                log_path is not None
+                and (await asyncio.to_thread(log_path.read_bytes)).count(SERVING) >= workers
+            )
             with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"{url}/readyz") as response:
-                    if response.status == 200:
+                async with session.get(f"{url}{path}") as response:
+                    if response.status == 200 and serving:
                         return
             await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def python_server(
+    argv: Sequence[str],
+    port: int,
+    log_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    ready_path: str = "/readyz",
+    workers: int = 1,
+    timeout: float = 30,
+    stop_timeout: float = 15,
+) -> AsyncIterator[ServerProcess]:
+    """`python -m ARGV`, a server on 127.0.0.1:`port` with its output in `log_path`: yielded
+    once ready (see `wait_ready`), stopped afterwards."""
+    with log_path.open("wb") as log_file:
+        process = await python_module(
+            *argv, env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT
+        )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", port, log_path)
+    try:
+        try:
+            await wait_ready(
+                server.url, process, timeout, path=ready_path, workers=workers, log_path=log_path
+            )
+        except (RuntimeError, TimeoutError) as exc:
+            problem = str(exc) or f"not ready within {timeout} s"
+            output = await asyncio.to_thread(log_path.read_text, errors="replace")
+            raise RuntimeError(f"{problem}: {output}") from None
+        yield server
+    finally:
+        await stop_process(process, stop_timeout)
 
 
 @asynccontextmanager
@@ -221,27 +275,25 @@ async def server_process(
     *args: str,
     env: dict[str, str] | None = None,
     port: int | None = None,
+    workers: int = 1,
+    timeout: float = 30,
+    stop_timeout: float = 15,
 ) -> AsyncIterator[ServerProcess]:
-    """Start `python -m reinitd serve` (on a free port unless given); wait for /readyz; stop it
-    afterwards."""
+    """Start `python -m reinitd serve` (on a free port unless given, `--workers` when more
+    than one); wait until every worker serves and /readyz answers; stop it afterwards."""
     port = port or free_port()
-    log_path = log_dir / f"serve-{port}-{uuid.uuid4().hex[:6]}.log"
-    with log_path.open("wb") as log_file:
-        process = await reinitd_process(
-            *serve_args(port, *args),
-            env={**os.environ, "DATABASE_URL": database_url, **(env or {})},
-            stdout=log_file,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", port, log_path)
-    try:
-        try:
-            await wait_ready(server.url, process)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}: {log_path.read_text()}") from None
+    if workers > 1:
+        args = ("--workers", str(workers), *args)
+    async with python_server(
+        ["reinitd", *serve_args(port, *args)],
+        port,
+        log_dir / f"serve-{port}-{uuid.uuid4().hex[:6]}.log",
+        env={**os.environ, "DATABASE_URL": database_url, **(env or {})},
+        workers=workers,
+        timeout=timeout,
+        stop_timeout=stop_timeout,
+    ) as server:
         yield server
-    finally:
-        await stop_process(process)
 
 
 async def get_reinit(

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import requests
+import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import openapi
@@ -20,8 +15,8 @@ from schemathesis.core.result import Ok
 from schemathesis.generation import GenerationMode
 from schemathesis.schemas import APIOperation
 
-from reinitd.server.embedded import free_port
 from reinitd.server.handler import OPENAPI
+from tests.support import server_process
 
 SCHEMA = openapi.from_dict(json.loads(OPENAPI))
 OPERATIONS: list[APIOperation[Any, Any, Any, Any]] = []
@@ -34,34 +29,13 @@ CASES = [(op, GenerationMode.POSITIVE) for op in OPERATIONS] + [
 ]
 
 
-@pytest.fixture(scope="module")
-def server_url(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server_url(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[str]:
     """A `reinitd serve` process, as deployed."""
-    port = free_port()
-    log = Path(tmp_path_factory.mktemp("schemathesis")) / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "reinitd", "serve", "--port", str(port), "--log-format", "json"],
-            env={**os.environ, "DATABASE_URL": database_url},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+    async with server_process(database_url, tmp_path_factory.mktemp("schemathesis")) as server:
+        yield server.url
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,12 @@
 
 Driven by the harness over stdin/stdout, one JSON object per line:
   {"cmd": "open", "url": ..., "agents": [[token, workspace_id], ...], "sources": [...]}
+  {"cmd": "idle", "url": ..., "count": N, "sources": [...]}   connect, then send nothing
   {"cmd": "listen", "dsn": ...}          a raw asyncpg LISTEN: the latency floor
   {"cmd": "events"}                      first-event receipt times, per workspace
-  {"cmd": "stats"}                       open / closed / error counts
-  {"cmd": "close"}                       close every stream
+  {"cmd": "wait_events", "count": N, "timeout": S}
+  {"cmd": "stats"}                       open / closed / error counts, streams and idle
+  {"cmd": "close"}                       close every stream and idle connection
   {"cmd": "exit"}
 Times are CLOCK_MONOTONIC, comparable across processes on one machine.
 """
@@ -104,6 +106,43 @@ class Waiter(asyncio.Protocol):
             self.done()
 
 
+class Idle(asyncio.Protocol):
+    """A connection that never sends a byte; notes whether the server closed it."""
+
+    __slots__ = ("closed", "transport")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+
+
+def _socket(source: str) -> socket.socket:
+    """A non-blocking TCP socket bound to `source`, its port picked at connect()."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # Pick the source port at connect(), not bind(): bind(port 0) scans every port in
+        # use and made the load generator, not the server, the bottleneck.
+        sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -114,15 +153,20 @@ def _percentile(values: list[float], q: float) -> float:
 class LoadGen:
     def __init__(self) -> None:
         self.waiters: list[Waiter] = []
+        self.idle: list[Idle] = []
         self.errors: list[str] = []
         self.floor: dict[str, float] = {}
         self.listen_conn: asyncpg.Connection | None = None
         self._one_done: Callable[[], None] = lambda: None
 
     async def open(
-        self, url: str, agents: list[list[str]], sources: list[str], timeout: float = 120.0
+        self,
+        url: str,
+        agents: list[list[str]],
+        sources: list[str],
+        timeout: float = 120.0,  # noqa: ASYNC109 -- a command's bound, sent by the harness
     ) -> dict[str, Any]:
-        host, port = url.removeprefix("http://").split(":")
+        host, port = _address(url)
         loop = asyncio.get_running_loop()
         started = time.monotonic()
 
@@ -132,14 +176,13 @@ class LoadGen:
                 f"Host: {host}\r\nCoder-Session-Token: {token}\r\n\r\n"
             ).encode()
             waiter = Waiter(request, workspace_id, time.monotonic(), self._one_done)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
-                # Pick the source port at connect(), not bind(): bind(port 0) scans every port
-                # in use and made the load generator, not the server, the bottleneck.
-                sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-                sock.bind((sources[i % len(sources)], 0))
-                sock.setblocking(False)
-                await loop.sock_connect(sock, (host, int(port)))
+                sock = _socket(sources[i % len(sources)])
+            except OSError as exc:
+                self.errors.append(f"socket: {exc}")
+                return
+            try:
+                await loop.sock_connect(sock, (host, port))
                 await loop.create_connection(lambda: waiter, sock=sock)
             except OSError as exc:
                 sock.close()
@@ -181,6 +224,48 @@ class LoadGen:
             "started_at": started,
         }
 
+    async def open_idle(
+        self, url: str, count: int, sources: list[str], connect_timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """Open `count` connections that send nothing, all at once; a connect that takes
+        longer than `connect_timeout` (a full accept queue drops SYNs) is given up."""
+        address = _address(url)
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        outcomes = {"connected": 0, "timed_out": 0, "failed": 0}
+        samples: list[str] = []
+
+        async def connect(i: int) -> None:
+            try:
+                sock = _socket(sources[i % len(sources)])
+            except OSError as exc:
+                outcomes["failed"] += 1
+                samples.append(f"socket: {exc}")
+                return
+            try:
+                async with asyncio.timeout(connect_timeout):
+                    await loop.sock_connect(sock, address)
+                _transport, idle = await loop.create_connection(Idle, sock=sock)
+            except TimeoutError:
+                sock.close()
+                outcomes["timed_out"] += 1
+                return
+            except OSError as exc:
+                sock.close()
+                outcomes["failed"] += 1
+                samples.append(f"connect: {exc}")
+                return
+            outcomes["connected"] += 1
+            self.idle.append(idle)
+
+        await asyncio.gather(*(connect(i) for i in range(count)))
+        return {
+            "requested": count,
+            **outcomes,
+            "error_samples": samples[:5],
+            "elapsed_s": time.monotonic() - started,
+        }
+
     async def listen(self, dsn: str) -> dict[str, Any]:
         self.listen_conn = await asyncpg.connect(dsn)
 
@@ -192,7 +277,11 @@ class LoadGen:
         await self.listen_conn.add_listener("prebuild_claimed", on_notify)
         return {"listening": True}
 
-    async def wait_events(self, count: int, timeout: float) -> dict[str, Any]:
+    async def wait_events(
+        self,
+        count: int,
+        timeout: float,  # noqa: ASYNC109 -- a command's bound, sent by the harness
+    ) -> dict[str, Any]:
         """Reply once `count` streams have their first event (or at the timeout)."""
         EVENTS.want = count
         if EVENTS.seen < count:
@@ -213,14 +302,17 @@ class LoadGen:
             "open": sum(1 for w in self.waiters if not w.closed),
             "closed": sum(1 for w in self.waiters if w.closed),
             "errors": len(self.errors),
+            "idle_open": sum(1 for c in self.idle if not c.closed),
+            "idle_closed": sum(1 for c in self.idle if c.closed),
         }
 
     def close(self) -> dict[str, Any]:
-        for waiter in self.waiters:
-            if waiter.transport is not None:
-                waiter.transport.abort()
-        count = len(self.waiters)
-        self.waiters, self.errors = [], []
+        transports = [c.transport for c in self.waiters] + [c.transport for c in self.idle]
+        for transport in transports:
+            if transport is not None:
+                transport.abort()
+        count = len(self.waiters) + len(self.idle)
+        self.waiters, self.idle, self.errors = [], [], []
         EVENTS.seen = 0
         return {"closed": count}
 
@@ -239,6 +331,8 @@ async def main() -> None:
             break
         if cmd == "open":
             reply = await gen.open(**request)
+        elif cmd == "idle":
+            reply = await gen.open_idle(**request)
         elif cmd == "listen":
             reply = await gen.listen(**request)
         elif cmd == "events":

@@ -24,18 +24,17 @@ SELECT reinitd.claim_prebuild($1, $2)
 -- autovacuum for the CPU.
 VACUUM (ANALYZE) reinitd.workspaces, reinitd.workspace_builds
 
--- forger --
--- A login role with no grants at all: it can connect and NOTIFY, nothing else.
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'bench_forger') THEN
-        CREATE ROLE bench_forger LOGIN;
-    END IF;
-END
-$$
-
 -- forge --
 -- Forged doorbells, each with a made-up owner (distinct payloads are not folded).
 SELECT pg_notify('prebuild_claimed',
                  json_build_object('workspace_id', w, 'owner_id', gen_random_uuid())::text)
 FROM unnest($1::text[]) AS w
+
+-- kill_listener --
+-- Terminate the server's LISTEN connection, as a failover or an idle-session killer would.
+SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+WHERE application_name = 'reinitd-listener'
+
+-- owner --
+-- The user every benchmark claim is made for.
+SELECT reinitd.create_user('bench-owner')

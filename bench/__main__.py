@@ -1,0 +1,176 @@
+"""`make bench` (`python -m bench`): capacity, latency, storms, floods and baselines, in one run.
+
+Starts its own PostgreSQL, reinitd servers and baseline servers, drives load from separate
+load-generator processes over loopback, prints a summary (each figure beside its same-run
+baseline) and writes every figure to bench-results/latest.json. Not part of `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench.harness import BENCH_SQL, RESULTS, Database, Harness, say
+from bench.measure import median_range
+from bench.report import report
+from bench.scenarios import Scenarios
+from reinitd.server.embedded import Cluster, ensure_cluster
+from reinitd.server.migration import migrate
+
+SECTIONS = ("capacity", "latency", "burst", "storm", "forged", "flood", "naive", "recovery")
+Run = Callable[[], Awaitable[dict[str, Any]]]
+
+
+async def prepare(cluster: Cluster, log_dir: Path, prebuilds: int) -> Scenarios:
+    """The schema, the server's login role and `prebuilds` prebuilt workspaces."""
+    owner_dsn = await cluster.ensure_database()
+    await migrate(owner_dsn)
+    database = Database(cluster, owner_dsn, await cluster.ensure_server_role())
+    say(f"provisioning {prebuilds} prebuilds")
+    conn: asyncpg.Connection = await asyncpg.connect(owner_dsn)
+    try:
+        rows = await conn.fetch(BENCH_SQL["provision"], prebuilds)
+        owner = await conn.fetchval(BENCH_SQL["owner"])
+        await conn.execute(BENCH_SQL["settle"])
+    finally:
+        await conn.close()
+    agents = [(r["agent_token"], str(r["workspace_id"])) for r in rows]
+    return Scenarios(Harness(database, log_dir), agents, owner)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="reinitd-bench-"))
+    os.chmod(root, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
+    cluster = ensure_cluster(root / "data", fsync=False)
+    cluster.max_connections = args.max_connections
+    cluster.restart()
+    try:
+        prebuilds = max(
+            args.waiters * args.max_workers, args.storm, args.latency_waiters, args.flood_streams
+        )
+        bench = await prepare(cluster, root, prebuilds)
+        out: dict[str, Any] = {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "kernel": platform.release(),
+                "runs": args.runs,
+            },
+        }
+        only = set(args.only.split(","))
+
+        async def repeat(key: str, name: str, make: Run, runs: int) -> None:
+            if key.split("_", 1)[0] not in only:
+                return
+            bench.h.profiling = key if args.profile else None
+            samples = []
+            for i in range(runs):
+                say(f"{name}: run {i + 1}/{runs}")
+                samples.append(await make())
+            keys = [k for k, v in samples[0].items() if isinstance(v, int | float)]
+            out[key] = {"runs": samples, **{k: median_range([s[k] for s in samples]) for k in keys}}
+
+        def capacity(workers: int) -> Run:
+            return lambda: bench.capacity(args.waiters, workers)
+
+        def storm(workers: int) -> Run:
+            return lambda: bench.storm(args.storm, workers)
+
+        for workers in range(1, args.max_workers + 1):
+            await repeat(
+                f"capacity_w{workers}",
+                f"capacity: {args.waiters} waiters per worker, {workers} worker(s)",
+                capacity(workers),
+                args.runs if workers == 1 else 1,
+            )
+        await repeat(
+            "latency",
+            f"latency at {args.latency_waiters} waiters",
+            lambda: bench.latency(args.latency_waiters, args.claims, args.rate),
+            args.runs,
+        )
+        await repeat(
+            "burst",
+            f"burst of {args.latency_waiters} claims",
+            lambda: bench.burst(args.latency_waiters),
+            args.runs,
+        )
+        for workers in range(1, args.max_workers + 1):
+            await repeat(
+                f"storm_w{workers}",
+                f"storm of {args.storm} beside plain aiohttp, {workers} worker(s)",
+                storm(workers),
+                args.runs,
+            )
+        await repeat(
+            "forged",
+            f"forged-NOTIFY flood at {args.latency_waiters} waiters",
+            lambda: bench.forged(args.latency_waiters, 10.0, 20.0),
+            args.runs,
+        )
+        await repeat(
+            "flood",
+            f"idle-socket flood of 2 x {args.flood} connections",
+            lambda: bench.flood(args.flood_streams, args.flood),
+            1,
+        )
+        await repeat("naive", "naive baseline", lambda: bench.naive(args.naive_limit), 1)
+        await repeat("recovery", "recovery", bench.recovery, 1)
+        return out
+    finally:
+        cluster.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="make bench",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--runs", type=int, default=3, help="runs of each scenario (some always run once)")
+    add("--waiters", type=int, default=19_000, help="capacity: streams per worker")
+    add("--max-workers", type=int, default=2, help="capacity and storm with 1..N workers")
+    add(
+        "--latency-waiters",
+        type=int,
+        default=10_000,
+        help="streams open during latency, burst and the forged-NOTIFY flood",
+    )
+    add("--claims", type=int, default=1000, help="latency: claims made")
+    add("--rate", type=float, default=200.0, help="latency: claims per second")
+    add("--storm", type=int, default=10_000, help="storm: agents connecting at once")
+    add("--flood", type=int, default=10_000, help="idle connections per flooding process (2)")
+    add("--flood-streams", type=int, default=1000, help="streams open during the idle flood")
+    add("--naive-limit", type=int, default=1100, help="naive: stop after this many waiters")
+    add("--max-connections", type=int, default=1000, help="PostgreSQL's max_connections")
+    add("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
+    add(
+        "--profile",
+        action="store_true",
+        help="record each reinitd server with py-spy into bench-results/",
+    )
+    args = parser.parse_args()
+    unknown = set(args.only.split(",")) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}")
+    RESULTS.mkdir(exist_ok=True)
+    out = asyncio.run(run(args))
+    (RESULTS / "latest.json").write_text(json.dumps(out, indent=2))
+    print(report(out))
+    print(f"\n(full figures: {RESULTS / 'latest.json'})")
+
+
+if __name__ == "__main__":
+    main()

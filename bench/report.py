@@ -1,0 +1,239 @@
+"""The printed summary of a benchmark run: one line per scenario (median [min .. max] of
+the runs), each figure beside its same-run baseline, and a sizing rule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Figures = dict[str, Any]
+
+
+class _Section:
+    """One scenario's summarised figures, formatted."""
+
+    def __init__(self, figures: Figures) -> None:
+        self.figures = figures
+
+    def __call__(self, key: str, fmt: str = "{:.1f}") -> str:
+        """`median [min .. max]`, or the median alone when every run gave the same."""
+        value = self.figures[key]
+        median, low, high = (fmt.format(value[k]) for k in ("median", "min", "max"))
+        return median if low == high else f"{median} [{low} .. {high}]"
+
+    def median(self, key: str) -> float:
+        value: float = self.figures[key]["median"]
+        return value
+
+    def first(self, key: str) -> Any:
+        return self.figures["runs"][0][key]
+
+
+def _capacity(s: _Section) -> str:
+    return (
+        f"1. Capacity, {s.first('workers')} worker(s), {s.first('load_generators')} load "
+        f"generator(s), --max-streams {s.first('max_streams')}: {s('waiters', '{:.0f}')} "
+        f"streams ({s('waiters_per_worker', '{:.0f}')} per worker), errors "
+        f"{s('errors', '{:.0f}')}; memory per stream {s('rss_per_waiter_kb', '{:.2f}')} KB; "
+        f"idle CPU {s('idle_cpu_percent', '{:.2f}')} % of a core with a ping every "
+        f"{s.first('ping_interval_s'):g} s; /healthz at the limit p50 "
+        f"{s('healthz_p50_ms', '{:.1f}')} ms, max {s('healthz_max_ms', '{:.1f}')} ms, "
+        f"{s('healthz_failed', '{:.0f}')} of {s.first('healthz_probes')} failed; most files "
+        f"in one worker {s('most_files_in_a_worker', '{:.0f}')}; SIGTERM to exit with all "
+        f"streams open {s('shutdown_s', '{:.2f}')} s"
+    )
+
+
+def _latency(s: _Section) -> str:
+    return (
+        f"2. Latency, commit to frame, {s.first('claims')} claims at "
+        f"{s.first('waiters')} waiters: p50 {s('p50_ms', '{:.2f}')} ms, p99 "
+        f"{s('p99_ms', '{:.2f}')} ms, max {s('max_ms', '{:.2f}')} ms. Floor (raw asyncpg "
+        f"LISTEN): p50 {s('floor_p50_ms', '{:.2f}')} ms, p99 {s('floor_p99_ms', '{:.2f}')} ms. "
+        f"reinitd p99 minus floor p99: {s('p99_minus_floor_p99_ms', '{:.2f}')} ms; per-claim "
+        f"overhead over the floor p50 {s('overhead_p50_ms', '{:.2f}')} ms, p99 "
+        f"{s('overhead_p99_ms', '{:.2f}')} ms; server CPU per claim (paced, idle upkeep "
+        f"included) {s('server_cpu_per_claim_us', '{:.0f}')} µs"
+    )
+
+
+def _burst(s: _Section) -> str:
+    return (
+        f"   Burst, all claims in one transaction: {s('delivered', '{:.0f}')} of "
+        f"{s('waiters', '{:.0f}')} delivered, the last {s('all_delivered_s', '{:.3f}')} s "
+        f"after COMMIT; CPU per delivered claim: server "
+        f"{s('server_cpu_per_claim_us', '{:.0f}')} µs, PostgreSQL "
+        f"{s('postgres_cpu_per_claim_us', '{:.0f}')} µs"
+    )
+
+
+def _storm(s: _Section) -> str:
+    return (
+        f"3. Reconnect storm, {s.first('agents')} wait=true agents at once, "
+        f"{s.first('workers')} worker(s), beside plain aiohttp (no database) in the same run: "
+        f"{s('connects_per_s', '{:.0f}')} connects/s vs {s('plain_connects_per_s', '{:.0f}')} "
+        f"= {s('connects_ratio', '{:.2f}')}x; server CPU per connect "
+        f"{s('server_cpu_per_connect_ms', '{:.3f}')} ms vs "
+        f"{s('plain_server_cpu_per_connect_ms', '{:.3f}')} ms = "
+        f"{s('cpu_per_connect_ratio', '{:.2f}')}x (PostgreSQL "
+        f"{s('postgres_cpu_per_connect_ms', '{:.3f}')} ms more); memory per idle stream "
+        f"{s('memory_per_stream_kb', '{:.2f}')} KB vs {s('plain_memory_per_stream_kb', '{:.2f}')}"
+        f" KB = {s('memory_per_stream_ratio', '{:.2f}')}x; errors {s('errors', '{:.0f}')} "
+        f"(plain {s('plain_errors', '{:.0f}')}); time to first byte p50 "
+        f"{s('ttfb_p50_ms', '{:.0f}')} ms, p99 {s('ttfb_p99_ms', '{:.0f}')} ms; already-claimed "
+        f"agents served {s('claimed_delivered', '{:.0f}')} of {s('claimed', '{:.0f}')}"
+    )
+
+
+def _forged(s: _Section) -> str:
+    return (
+        f"   Forged-NOTIFY flood (a role with no grants, naming waited-on workspaces): "
+        f"{s('forged_per_s', '{:.0f}')} NOTIFY/s; server CPU "
+        f"{s('server_cpu_percent', '{:.0f}')} % of a core; log lines (other than the real "
+        f"claims' reinit_delivered) {s('log_lines_per_s', '{:.2f}')}/s; streams ended "
+        f"{s('streams_closed', '{:.0f}')}; real claims meanwhile {s('delivered', '{:.0f}')} "
+        f"of {s('claims', '{:.0f}')}, p99 {s('p99_ms', '{:.2f}')} ms = floor p99 "
+        f"{s('floor_p99_ms', '{:.2f}')} ms + {s('p99_minus_floor_p99_ms', '{:.2f}')} ms"
+    )
+
+
+def _flood(s: _Section) -> str:
+    return (
+        f"   Idle-socket flood, 2 x {s.first('idle_requested') // 2} connections that send "
+        f"nothing ({s('idle_connected', '{:.0f}')} connected as the clients see it, "
+        f"{s('idle_timed_out', '{:.0f}')} timed out, {s('idle_failed', '{:.0f}')} failed; "
+        f"{s('idle_still_open', '{:.0f}')} still open after {s('flood_s', '{:.1f}')} s), "
+        f"{s.first('streams')} streams open: server files once it landed "
+        f"{s('server_files_in_flood', '{:.0f}')}, CPU {s('server_cpu_percent', '{:.0f}')} % of "
+        f"a core; /healthz p50 {s('healthz_p50_ms', '{:.1f}')} ms, max "
+        f"{s('healthz_max_ms', '{:.1f}')} ms, {s('healthz_failed', '{:.0f}')} of "
+        f"{s.first('healthz_probes')} failed; /readyz p50 {s('readyz_p50_ms', '{:.1f}')} ms, "
+        f"{s('readyz_failed', '{:.0f}')} of {s.first('readyz_probes')} failed; claims to open "
+        f"streams {s('claim_delivered', '{:.0f}')} of {s('claim_claims', '{:.0f}')} delivered, "
+        f"p50 {s('claim_p50_ms', '{:.1f}')} ms, max {s('claim_max_ms', '{:.1f}')} ms (floor "
+        f"p50 {s('claim_floor_p50_ms', '{:.1f}')} ms); log grew {s('log_mb', '{:.2f}')} MB "
+        f"({s('log_mb_per_s', '{:.2f}')} MB/s, {s('log_lines', '{:.0f}')} lines, most: "
+        f"{s.first('log_top_events')}); /healthz answered "
+        f"{s('healthz_after_flood_s', '{:.2f}')} s after the flood closed"
+    )
+
+
+def _naive(naive: Figures, out: Figures) -> str:
+    line = (
+        f"4. Naive baseline (a connection and LISTEN per request): held "
+        f"{naive['waiters_held']} waiters, {naive['broke_with']}; "
+        f"{naive['memory_per_waiter_kb']:.0f} KB per waiter (server "
+        f"{naive['server_rss_per_waiter_kb']:.0f} + PostgreSQL backend PSS "
+        f"{naive['postgres_pss_per_waiter_kb']:.0f})"
+    )
+    if "capacity_w1" in out:
+        ours = out["capacity_w1"]["rss_per_waiter_kb"]["median"]
+        line += f"; reinitd holds {naive['memory_per_waiter_kb'] / ours:.0f}x the waiters per GB"
+    return line
+
+
+def _recovery(rec: Figures) -> str:
+    return (
+        f"5. Recovery: listener backend killed, claim committed at once: event after "
+        f"{rec['killed_listener_to_event_s']:.3f} s; PostgreSQL restarted (fast), claim "
+        f"after it: event {rec['postgres_restart_to_event_s']:.3f} s after the restart began"
+    )
+
+
+def _baselines(out: Figures) -> list[str]:
+    """reinitd's figure, the same run's baseline and the ratio, side by side (medians)."""
+    rows: list[tuple[str, str, str, str]] = []
+    for key in sorted(k for k in out if k.startswith("storm_w")):
+        s, w = _Section(out[key]), f"{out[key]['runs'][0]['workers']}w"
+        rows += [
+            (
+                f"storm connects/s ({w})",
+                f"{s.median('connects_per_s'):.0f}",
+                f"{s.median('plain_connects_per_s'):.0f} plain",
+                f"{s.median('connects_ratio'):.2f}x",
+            ),
+            (
+                f"server CPU per connect, ms ({w})",
+                f"{s.median('server_cpu_per_connect_ms'):.3f}",
+                f"{s.median('plain_server_cpu_per_connect_ms'):.3f} plain",
+                f"{s.median('cpu_per_connect_ratio'):.2f}x",
+            ),
+            (
+                f"memory per idle stream, KB ({w})",
+                f"{s.median('memory_per_stream_kb'):.2f}",
+                f"{s.median('plain_memory_per_stream_kb'):.2f} plain",
+                f"{s.median('memory_per_stream_ratio'):.2f}x",
+            ),
+        ]
+    if "latency" in out:
+        s = _Section(out["latency"])
+        rows.append(
+            (
+                "claim -> frame p99, ms",
+                f"{s.median('p99_ms'):.2f}",
+                f"{s.median('floor_p99_ms'):.2f} LISTEN",
+                f"{s.median('p99_minus_floor_p99_ms'):+.2f} ms",
+            )
+        )
+    if not rows:
+        return []
+    header = ("same-run baselines (medians)", "reinitd", "baseline", "ratio")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+def _sizing(out: Figures) -> list[str]:
+    """Claims/s and agents per core, from the server's own CPU (medians)."""
+    parts = []
+    if "storm_w1" in out:
+        s = _Section(out["storm_w1"])
+        parts.append(
+            f"a core connects ~{1000 / s.median('server_cpu_per_connect_ms'):.0f} agents/s "
+            f"(PostgreSQL adds {s.median('postgres_cpu_per_connect_ms'):.3f} ms per connect)"
+        )
+    if "burst" in out:
+        s = _Section(out["burst"])
+        parts.append(
+            f"delivers ~{1e6 / s.median('server_cpu_per_claim_us'):.0f} claims/s in bursts"
+        )
+    if "latency" in out:
+        s = _Section(out["latency"])
+        parts.append(
+            f"~{1e6 / s.median('server_cpu_per_claim_us'):.0f} claims/s one at a time "
+            "(idle upkeep included)"
+        )
+    if "capacity_w1" in out:
+        s = _Section(out["capacity_w1"])
+        upkeep = 1e4 * s.median("idle_cpu_percent") / max(1.0, s.median("waiters"))
+        parts.append(
+            f"holds idle agents at {s.median('rss_per_waiter_kb'):.1f} KB each and "
+            f"{upkeep:.2f} % of a core per 10 000 agents with a ping every "
+            f"{s.first('ping_interval_s'):g} s"
+        )
+    return [f"Sizing (server process CPU only): {'; '.join(parts)}."] if parts else []
+
+
+def report(out: Figures) -> str:
+    lines = [f"reinitd benchmark: {out['machine']}", "(median [min .. max] of the runs)", ""]
+    for key in sorted(k for k in out if k.startswith("capacity_w")):
+        lines.append(_capacity(_Section(out[key])))
+    if "latency" in out:
+        lines.append(_latency(_Section(out["latency"])))
+    if "burst" in out:
+        lines.append(_burst(_Section(out["burst"])))
+    for key in sorted(k for k in out if k.startswith("storm_w")):
+        lines.append(_storm(_Section(out[key])))
+    if "forged" in out:
+        lines.append(_forged(_Section(out["forged"])))
+    if "flood" in out:
+        lines.append(_flood(_Section(out["flood"])))
+    if "naive" in out:
+        lines.append(_naive(out["naive"]["runs"][0], out))
+    if "recovery" in out:
+        lines.append(_recovery(out["recovery"]["runs"][0]))
+    for block in (_baselines(out), _sizing(out)):
+        if block:
+            lines += ["", *block]
+    return "\n".join(lines)

@@ -1,0 +1,481 @@
+"""The scenarios of `make bench`, one method each: what it runs and measures is in its
+docstring; it returns one run's figures as a flat dict (numbers are summarised over runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench.harness import (
+    BENCH_SQL,
+    Harness,
+    loadgens,
+    loadgens_for,
+    probe,
+    probes,
+    server_timings,
+    until_healthy,
+)
+from bench.measure import (
+    cpu_seconds,
+    cpu_share,
+    open_files,
+    pct,
+    pss_kb,
+    ratio,
+    rss_kb,
+    settled,
+    settled_kb,
+    tree,
+)
+from tests.support import ServerProcess, login_role
+
+Agents = Sequence[tuple[str, str]]  # (agent token, workspace id)
+NAN = float("nan")
+
+CAPACITY_PING = 2.0  # seconds: a short ping interval, so that idle CPU shows the pings' cost
+IDLE_WINDOW = 10.0  # seconds of idle CPU measured at capacity
+# --max-streams at capacity: above what SO_REUSEPORT's hashing gives one worker (a few
+# hundred over the mean), below its 20 000 open files.
+STREAMS_HEADROOM = 500
+# An event's name, or the first words of a foreign message (up to its first escape).
+_EVENT = re.compile(rb'"event": "([^"\\]{1,60})')
+
+
+def latency_figures(
+    sent: dict[str, float], got: dict[str, float], floor: dict[str, float]
+) -> dict[str, float]:
+    """Commit-to-frame times of the claims `sent`, beside the raw-LISTEN floor's (ms)."""
+    lat = [got[w] - sent[w] for w in sent if w in got]
+    base = [floor[w] - sent[w] for w in sent if w in floor]
+    over = [got[w] - floor[w] for w in sent if w in got and w in floor]
+    return {
+        "claims": len(sent),
+        "delivered": len(lat),
+        "p50_ms": 1000 * pct(lat, 0.5),
+        "p99_ms": 1000 * pct(lat, 0.99),
+        "max_ms": 1000 * max(lat, default=NAN),
+        "floor_p50_ms": 1000 * pct(base, 0.5),
+        "floor_p99_ms": 1000 * pct(base, 0.99),
+        "overhead_p50_ms": 1000 * pct(over, 0.5),
+        "overhead_p99_ms": 1000 * pct(over, 0.99),
+        "p99_minus_floor_p99_ms": 1000 * (pct(lat, 0.99) - pct(base, 0.99)),
+    }
+
+
+def probe_figures(name: str, results: list[tuple[int, float]]) -> dict[str, float]:
+    answered = [seconds for status, seconds in results if status == 200]
+    return {
+        f"{name}_probes": len(results),
+        f"{name}_failed": len(results) - len(answered),
+        f"{name}_p50_ms": 1000 * pct(answered, 0.5),
+        f"{name}_max_ms": 1000 * max(answered, default=NAN),
+    }
+
+
+def log_since(path: Path, offset: int) -> bytes:
+    with path.open("rb") as log:
+        log.seek(offset)
+        return log.read()
+
+
+def top_events(lines: list[bytes], count: int = 3) -> str:
+    """The log's most frequent event names, e.g. `http_request x120, ...`."""
+    names = Counter(
+        match.group(1).decode(errors="replace") if (match := _EVENT.search(line)) else "(other)"
+        for line in lines
+    )
+    return ", ".join(f"{name} x{n}" for name, n in names.most_common(count)) or "none"
+
+
+async def _sigterm(server: ServerProcess) -> float:
+    """SIGTERM, and the seconds until the server has exited (at most 60)."""
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(server.process.wait(), 60)
+    return time.monotonic() - started
+
+
+class Scenarios:
+    def __init__(self, harness: Harness, agents: Agents, owner: uuid.UUID) -> None:
+        self.h = harness
+        self.agents = agents
+        self.owner = owner
+
+    async def claim_paced(self, targets: Agents, rate: float) -> dict[str, float]:
+        """Claim each target's workspace over one connection, `rate` claims per second;
+        returns when each claim was sent (monotonic seconds)."""
+        conn = await self.h.db.connect()
+        sent: dict[str, float] = {}
+        try:
+            for _, workspace in targets:
+                sent[workspace] = time.monotonic()
+                await conn.execute(BENCH_SQL["claim_one"], uuid.UUID(workspace), self.owner)
+                await asyncio.sleep(max(0.0, sent[workspace] + 1 / rate - time.monotonic()))
+        finally:
+            await conn.close()
+        return sent
+
+    async def unclaim(self, agents: Agents) -> None:
+        await self.h.db.sql("unclaim", [uuid.UUID(w) for _, w in agents])
+        await self.h.db.sql("settle")
+
+    def _postgres(self, but: int = 0) -> list[int]:
+        """PostgreSQL's processes (but the backend `but`)."""
+        return [pid for pid in tree(self.h.db.postmaster_pid()) if pid != but]
+
+    async def capacity(self, per_worker: int, workers: int) -> dict[str, Any]:
+        """`per_worker` idle wait=true streams per worker, from one load generator per
+        19 000 streams, each from its own source addresses: streams held, memory per
+        stream, idle CPU with a ping every 2 s, /healthz at the limit, SIGTERM to exit."""
+        n = per_worker * workers
+        max_streams = per_worker + STREAMS_HEADROOM
+        async with (
+            self.h.reinitd(
+                "--ping-interval",
+                str(CAPACITY_PING),
+                "--max-streams",
+                str(max_streams),
+                workers=workers,
+            ) as server,
+            loadgens(loadgens_for(n)) as gens,
+        ):
+
+            def pids() -> list[int]:
+                return tree(server.process.pid)
+
+            before = await settled_kb(lambda: rss_kb(pids()))
+            opened = await gens.open(server.url, self.agents[:n])
+            after = await settled_kb(lambda: rss_kb(pids()))
+            idle_cpu = await cpu_share(pids, IDLE_WINDOW)
+            healthz = [await probe(server.url, "/healthz") for _ in range(2 * workers)]
+            files = max(open_files(pid) for pid in pids())
+            still_open = (await gens.stats())["open"]
+            shutdown_s = await _sigterm(server)
+        return {
+            "workers": workers,
+            "load_generators": len(gens.gens),
+            "max_streams": max_streams,
+            "waiters": opened["registered"],
+            "waiters_per_worker": opened["registered"] / workers,
+            "errors": opened["errors"],
+            "error_samples": opened["error_samples"],
+            "still_open_after_idle": still_open,
+            "open_s": opened["elapsed_s"],
+            "rss_before_kb": before,
+            "rss_after_kb": after,
+            "rss_per_waiter_kb": (after - before) / max(1, opened["registered"]),
+            "idle_cpu_percent": 100 * idle_cpu,
+            "ping_interval_s": CAPACITY_PING,
+            "most_files_in_a_worker": files,
+            **probe_figures("healthz", healthz),
+            "shutdown_s": shutdown_s,
+        }
+
+    async def latency(self, n: int, claims: int, rate: float) -> dict[str, Any]:
+        """`claims` claims at `rate` per second while `n` streams wait: commit-to-frame
+        times beside a raw asyncpg LISTEN on the same NOTIFYs (the floor), and the server's
+        CPU per claim (paced, so the idle streams' upkeep is included)."""
+        agents = self.agents[:n]
+        targets = agents[:: max(1, n // claims)][:claims]
+        async with self.h.reinitd() as server, loadgens(1) as gens:
+            opened = await gens.open(server.url, agents)
+            await gens.listen(self.h.db.owner_dsn)
+            pids = tree(server.process.pid)
+            cpu = cpu_seconds(pids)
+            sent = await self.claim_paced(targets, rate)
+            got = await gens.wait_events(len(targets), 10)
+            cpu = cpu_seconds(pids) - cpu
+            _, floor = await gens.events()
+            inside = await server_timings(server.url)
+        await self.unclaim(targets)
+        figures = latency_figures(sent, got, floor)
+        return {
+            "waiters": opened["registered"],
+            **figures,
+            "server_cpu_per_claim_us": 1e6 * cpu / max(1, figures["delivered"]),
+            **inside,
+        }
+
+    async def burst(self, n: int) -> dict[str, Any]:
+        """`n` streams wait; all `n` claims commit in one transaction: time from COMMIT to
+        the last frame, and the CPU per delivered claim of the server and of PostgreSQL
+        (PostgreSQL's counted from COMMIT on: the doorbell reads, not the claims)."""
+        agents = self.agents[:n]
+        async with self.h.reinitd() as server, loadgens(1) as gens:
+            opened = await gens.open(server.url, agents)
+            pids = tree(server.process.pid)
+            conn = await self.h.db.connect()
+            try:
+                server_cpu = cpu_seconds(pids)
+                async with conn.transaction():
+                    await conn.execute(
+                        BENCH_SQL["claim_many"], [uuid.UUID(w) for _, w in agents], self.owner
+                    )
+                    committed = time.monotonic()  # COMMIT is sent as the block exits
+                # Not the claiming backend's: it exits before the second reading.
+                claimer = conn.get_server_pid()
+                postgres_cpu = cpu_seconds(self._postgres(but=claimer))
+            finally:
+                await conn.close()
+            got = await gens.wait_events(n, 15)
+            server_cpu = cpu_seconds(pids) - server_cpu
+            postgres_cpu = cpu_seconds(self._postgres(but=claimer)) - postgres_cpu
+            inside = await server_timings(server.url)
+        await self.unclaim(agents)
+        return {
+            "waiters": opened["registered"],
+            "delivered": len(got),
+            "errors": opened["errors"],
+            "error_samples": opened["error_samples"],
+            "all_delivered_s": max(got.values()) - committed if got else NAN,
+            "server_cpu_per_claim_us": 1e6 * server_cpu / max(1, len(got)),
+            "postgres_cpu_per_claim_us": 1e6 * postgres_cpu / max(1, len(got)),
+            **inside,
+        }
+
+    async def storm(self, n: int, workers: int, claimed_share: float = 0.1) -> dict[str, Any]:
+        """`n` agents connect at once (wait=true), 10 % of them already claimed; the same
+        crowd first against the plain aiohttp baseline, in the same run. Connects/s, server
+        CPU per connect and memory per idle stream, each beside the baseline's, and the
+        ratios (reinitd over baseline)."""
+        agents = self.agents[:n]
+        async with self.h.baseline("plain") as plain:
+            base = await self._crowd(plain, agents, claimed=0)
+        claimed = agents[: int(n * claimed_share)]
+        await self.h.db.sql("claim_many", [uuid.UUID(w) for _, w in claimed], self.owner)
+        try:
+            async with self.h.reinitd(workers=workers) as server:
+                ours = await self._crowd(server, agents, claimed=len(claimed))
+        finally:
+            await self.unclaim(claimed)
+        return {
+            "workers": workers,
+            "agents": n,
+            **ours,
+            **{f"plain_{key}": value for key, value in base.items()},
+            "connects_ratio": ratio(ours["connects_per_s"], base["connects_per_s"]),
+            "cpu_per_connect_ratio": ratio(
+                ours["server_cpu_per_connect_ms"], base["server_cpu_per_connect_ms"]
+            ),
+            "memory_per_stream_ratio": ratio(
+                ours["memory_per_stream_kb"], base["memory_per_stream_kb"]
+            ),
+        }
+
+    async def _crowd(self, server: ServerProcess, agents: Agents, claimed: int) -> dict[str, Any]:
+        """Open every agent's stream at once against `server` and measure what it cost."""
+
+        def server_kb() -> int:
+            return rss_kb(tree(server.process.pid))
+
+        def cpu() -> tuple[float, float]:
+            return cpu_seconds(tree(server.process.pid)), cpu_seconds(self._postgres())
+
+        async with loadgens(loadgens_for(len(agents))) as gens:
+            rss = await settled_kb(server_kb)
+            before, client = cpu(), cpu_seconds(gens.pids)
+            opened = await gens.open(server.url, agents)
+            after, client = cpu(), cpu_seconds(gens.pids) - client
+            rss = await settled_kb(server_kb) - rss
+            held = (await gens.stats())["open"]
+            got = await gens.wait_events(claimed, 10) if claimed else {}
+        registered = opened["registered"]
+        return {
+            "registered": registered,
+            "errors": opened["errors"],
+            "error_samples": opened["error_samples"],
+            "all_registered_s": opened["elapsed_s"],
+            "connects_per_s": registered / opened["elapsed_s"] if opened["elapsed_s"] else NAN,
+            "ttfb_p50_ms": 1000 * opened["ttfb_p50_s"],
+            "ttfb_p99_ms": 1000 * opened["ttfb_p99_s"],
+            "server_cpu_per_connect_ms": 1000 * (after[0] - before[0]) / max(1, registered),
+            "postgres_cpu_per_connect_ms": 1000 * (after[1] - before[1]) / max(1, registered),
+            "client_cpu_s": client,
+            "streams_held": held,
+            "memory_per_stream_kb": rss / max(1, held),
+            "claimed": claimed,
+            "claimed_delivered": len(got),
+        }
+
+    async def forged(self, n: int, seconds: float, rate: float) -> dict[str, Any]:
+        """A role with no grants NOTIFYs as fast as it can for `seconds`, naming workspaces
+        that agents wait on, while real claims arrive at `rate` per second: what the flood
+        costs the server (CPU, log lines) and the real claims (latency over the floor)."""
+        agents = self.agents[:n]
+        conn = await self.h.db.connect()
+        try:
+            forger = await login_role(conn, self.h.db.cluster, "bench_forger")
+        finally:
+            await conn.close()
+        waiting = [uuid.UUID(w) for _, w in agents[: n // 2]]
+        targets = agents[n // 2 :][: int(seconds * rate)]
+        async with self.h.reinitd(log_level="info") as server, loadgens(1) as gens:
+            opened = await gens.open(server.url, agents)
+            await gens.listen(self.h.db.owner_dsn)
+            offset = (await asyncio.to_thread(server.log_path.stat)).st_size
+            pids = tree(server.process.pid)
+            cpu, started = cpu_seconds(pids), time.monotonic()
+            stop = started + seconds
+            forgers = asyncio.gather(*(self._forge(forger, waiting, stop) for _ in range(4)))
+            sent = await self.claim_paced(targets, rate)
+            forged = sum(await forgers)
+            elapsed = time.monotonic() - started
+            cpu = cpu_seconds(pids) - cpu
+            written = (await asyncio.to_thread(log_since, server.log_path, offset)).splitlines()
+            got = await gens.wait_events(len(targets), 30)
+            _, floor = await gens.events()
+            stats = await gens.stats()
+            inside = await server_timings(server.url)
+        await self.unclaim(targets)
+        # The real claims' own delivery lines are not the flood's doing.
+        lines = sum(b'"reinit_delivered"' not in line for line in written)
+        return {
+            "waiters": opened["registered"],
+            "forged_notifies": forged,
+            "forged_per_s": forged / elapsed,
+            "server_cpu_percent": 100 * cpu / elapsed,
+            "log_lines_per_s": lines / elapsed,
+            "streams_closed": stats["closed"],
+            **latency_figures(sent, got, floor),
+            **inside,
+        }
+
+    async def _forge(self, dsn: str, waiting: list[uuid.UUID], stop: float) -> int:
+        """Forged doorbells in batches of 100 until `stop`; returns how many were sent."""
+        conn: asyncpg.Connection = await asyncpg.connect(dsn)
+        sent = 0
+        try:
+            while time.monotonic() < stop:
+                batch = [str(waiting[(sent + k) % len(waiting)]) for k in range(100)]
+                await conn.execute(BENCH_SQL["forge"], batch)
+                sent += len(batch)
+        finally:
+            await conn.close()
+        return sent
+
+    async def flood(
+        self, streams: int, per_process: int, claims: int = 10, rate: float = 5.0
+    ) -> dict[str, Any]:
+        """Two load processes open `per_process` idle TCP connections each and send nothing,
+        against a server holding `streams` open streams and logging JSON at its default
+        level into a file. Then, with the flood in place: /healthz and /readyz latency (a few
+        probes on fresh connections), the delay of `claims` claims to open streams (beside
+        the raw-LISTEN floor), the server's open files, CPU and the bytes its log grew by;
+        once the flood is gone, how long until /healthz answers. Timeouts are counted."""
+        agents = self.agents[:streams]
+        targets = agents[:: max(1, streams // claims)][:claims]
+        async with (
+            self.h.reinitd(log_level="info") as server,
+            loadgens(1) as crowd,
+            loadgens(2, first=1) as flooders,
+        ):
+            opened = await crowd.open(server.url, agents)
+            await crowd.listen(self.h.db.owner_dsn)
+            pid = server.process.pid
+            offset = (await asyncio.to_thread(server.log_path.stat)).st_size
+            cpu, started = cpu_seconds([pid]), time.monotonic()
+            idle = await flooders.open_idle(server.url, per_process)
+            files = await settled(lambda: open_files(pid), slack=5)  # the flood has landed
+            healthz, readyz, sent = await asyncio.gather(
+                probes(server.url, "/healthz"),
+                probes(server.url, "/readyz"),
+                self.claim_paced(targets, rate),
+            )
+            got = await crowd.wait_events(len(targets), 30)
+            _, floor = await crowd.events()
+            held = await flooders.stats()
+            elapsed = time.monotonic() - started
+            cpu = cpu_seconds([pid]) - cpu
+            grown = await asyncio.to_thread(log_since, server.log_path, offset)
+            await flooders.close()
+            recovered_s = await until_healthy(server.url)
+            closed = (await crowd.stats())["closed"]
+        await self.unclaim(targets)
+        lines = grown.splitlines()
+        return {
+            "streams": opened["registered"],
+            "idle_requested": idle["requested"],
+            "idle_connected": idle["connected"],
+            "idle_timed_out": idle["timed_out"],
+            "idle_failed": idle["failed"],
+            "idle_error_samples": idle["error_samples"],
+            "idle_open_s": idle["elapsed_s"],
+            "idle_still_open": held["idle_open"],
+            "server_files_in_flood": files,
+            "server_cpu_percent": 100 * cpu / elapsed,
+            "flood_s": elapsed,
+            **probe_figures("healthz", healthz),
+            **probe_figures("readyz", readyz),
+            **{f"claim_{key}": value for key, value in latency_figures(sent, got, floor).items()},
+            "streams_closed": closed,
+            "log_bytes": len(grown),
+            "log_mb": len(grown) / 1e6,
+            "log_mb_per_s": len(grown) / 1e6 / elapsed,
+            "log_lines": len(lines),
+            "log_top_events": top_events(lines),
+            "healthz_after_flood_s": recovered_s,
+        }
+
+    async def naive(self, limit: int, step: int = 50) -> dict[str, Any]:
+        """The naive baseline (a PostgreSQL connection and LISTEN per request) takes
+        waiters `step` at a time until it breaks or holds `limit`: where it broke, and the
+        memory per waiter (its server's RSS plus PostgreSQL's backends' PSS)."""
+        async with self.h.baseline("naive") as server, loadgens(1) as gens:
+
+            def postgres_kb() -> int:
+                return pss_kb(self._postgres())
+
+            def server_kb() -> int:
+                return rss_kb([server.process.pid])
+
+            pg_before, srv_before = await settled_kb(postgres_kb), await settled_kb(server_kb)
+            held, broke = 0, ""
+            while held < limit:
+                reply = await gens.open(server.url, self.agents[held : held + step], limit=30)
+                held += reply["registered"]
+                if reply["errors"]:
+                    sample = (reply["error_samples"] or ["errors"])[0]
+                    broke = (
+                        f"broke with {sample} at waiter {held + 1}: PostgreSQL's "
+                        f"max_connections is {self.h.db.cluster.max_connections}"
+                    )
+                    break
+            pg_after, srv_after = await settled_kb(postgres_kb), await settled_kb(server_kb)
+        return {
+            "waiters_held": held,
+            "broke_with": broke or f"stopped at the limit of {limit}",
+            "max_connections": self.h.db.cluster.max_connections,
+            "server_rss_per_waiter_kb": (srv_after - srv_before) / max(1, held),
+            "postgres_pss_per_waiter_kb": (pg_after - pg_before) / max(1, held),
+            "memory_per_waiter_kb": (pg_after - pg_before + srv_after - srv_before) / max(1, held),
+        }
+
+    async def recovery(self, n: int = 1000) -> dict[str, Any]:
+        """The listener's backend is killed and a claim committed at once; then PostgreSQL
+        restarts and a claim follows: the time to each event."""
+        agents = self.agents[:n]
+        result: dict[str, Any] = {}
+        async with self.h.reinitd() as server, loadgens(1) as gens:
+            await gens.open(server.url, agents)
+            started = time.monotonic()
+            await self.h.db.sql("kill_listener")
+            await self.h.db.sql("claim_one", uuid.UUID(agents[0][1]), self.owner)
+            got = await gens.wait_events(1, 30)
+            result["killed_listener_to_event_s"] = got[agents[0][1]] - started
+            started = time.monotonic()
+            await asyncio.to_thread(self.h.db.cluster.restart)
+            await self.h.db.sql("claim_one", uuid.UUID(agents[1][1]), self.owner)
+            got = await gens.wait_events(2, 60)
+            result["postgres_restart_to_event_s"] = got[agents[1][1]] - started
+        await self.unclaim(agents[:2])
+        return result
