@@ -1,30 +1,23 @@
 -- Named queries, loaded once by reinitd.query: a block starts with a line `-- name --`.
 
 -- agent_by_token_hash --
--- Resolves an agent token (its sha256) to the agent and its workspace: one round trip,
--- through the one function the server's role may use to read workspace_agents.
+-- Resolves an agent token (its sha256) to the agent and its workspace, through the one
+-- function the server's role may use to read workspace_agents (a stream without wait).
 SELECT agent_id, workspace_id FROM reinitd.agent_by_token_hash($1)
 
+-- admit --
+-- A wait=true connect in one round trip: the agent of a token and what the durable check
+-- needs about its workspace (null columns: the workspace is gone).
+SELECT a.agent_id, a.workspace_id, s.owner_id, s.first_initiator_id,
+       s.latest_stage, s.latest_status, s.latest_error
+FROM reinitd.agent_by_token_hash($1) AS a
+LEFT JOIN reinitd.claim_state AS s ON s.workspace_id = a.workspace_id
+
 -- claim_states --
--- What the durable check needs for each workspace, batched: the owner, who initiated
--- build 1, and the latest build. The same query serves one request and a whole resync.
-SELECT w.id AS workspace_id,
-       w.owner_id,
-       first_build.initiator_id AS first_initiator_id,
-       latest.stage AS latest_stage,
-       latest.status AS latest_status,
-       latest.error AS latest_error
-FROM reinitd.workspaces AS w
-LEFT JOIN reinitd.workspace_builds AS first_build
-       ON first_build.workspace_id = w.id AND first_build.build_number = 1
-LEFT JOIN LATERAL (
-    SELECT b.stage, b.status, b.error
-    FROM reinitd.workspace_builds AS b
-    WHERE b.workspace_id = w.id
-    ORDER BY b.build_number DESC
-    LIMIT 1
-) AS latest ON true
-WHERE w.id = ANY($1::uuid[])
+-- The durable check's columns for a batch of workspaces (doorbells, resyncs).
+SELECT workspace_id, owner_id, first_initiator_id, latest_stage, latest_status, latest_error
+FROM reinitd.claim_state
+WHERE workspace_id = ANY($1::uuid[])
 
 -- migration_lock --
 SELECT pg_advisory_xact_lock(hashtext('reinitd.migrate'))

@@ -12,8 +12,9 @@ import structlog
 
 from reinitd.errors import ApiError
 from reinitd.server import metrics
-from reinitd.server.claim import WAIT, Verdict, read_verdicts
+from reinitd.server.claim import WAIT, Verdict, judge
 from reinitd.server.database import uncancelled
+from reinitd.server.doorbell import Doorbell
 from reinitd.server.hub import Hub, Subscription
 from reinitd.server.query import QUERIES
 
@@ -100,18 +101,20 @@ class Admission:
         self,
         pool: asyncpg.Pool,
         hub: Hub,
+        doorbell: Doorbell,
         *,
         max_streams: int,
         max_streams_per_agent: int,
     ) -> None:
         self._pool = pool
         self._hub = hub
+        self._doorbell = doorbell
         self.max_streams = max_streams
         self.max_streams_per_agent = max_streams_per_agent
         self.in_use = 0
         self._per_agent: Counter[uuid.UUID] = Counter()
-        # Test seam: awaited after the subscription is registered and before the build read.
-        self.before_read: Callable[[uuid.UUID], Awaitable[None]] | None = None
+        # Test seam: awaited between the read (token and builds) and the registration.
+        self.after_read: Callable[[uuid.UUID], Awaitable[None]] | None = None
 
     @property
     def agent_slots(self) -> int:
@@ -151,34 +154,34 @@ class Admission:
             del self._per_agent[agent_id]
 
     async def admit(self, token_hash: bytes, *, wait: bool) -> Ticket:
-        """Resolve the token, take the slots, register the subscription, then read the
-        builds (`wait` only): a claim committed at any instant is seen by the read, by the
-        subscription, or by both (a stream delivers a claim once). The caller must `release`
-        the ticket; whatever fails here gives back what it had taken."""
+        """Take a process slot, resolve the token and (with `wait`) read the workspace's builds
+        in the same round trip, take an agent slot and register the subscription, then catch
+        up with the doorbells heard since the read began: a claim committed at any instant is
+        seen by the read, by the subscription, or by both (a stream delivers a claim once).
+        The caller must `release` the ticket; whatever fails here gives back what it took."""
         self._take_process_slot()
         ticket = Ticket(self)
         try:
+            mark = self._doorbell.mark()
+            started = time.perf_counter()
             async with self._pool.acquire() as conn:
-                agent = await uncancelled(conn.fetchrow(QUERIES["agent_by_token_hash"], token_hash))
-                if agent is None:
-                    raise ApiError(
-                        401,
-                        "Unauthorized.",
-                        "The agent token is not known.",
-                        reason="unknown_token",
-                    )
-                workspace_id: uuid.UUID = agent["workspace_id"]
-                structlog.contextvars.bind_contextvars(workspace_id=str(workspace_id))
-                self._take_agent_slot(agent["agent_id"])
-                ticket.agent_id = agent["agent_id"]
-                ticket.subscription = self._hub.subscribe(workspace_id, wait=wait)
-                if wait:  # without wait: no checks, nothing pre-seeded
-                    if self.before_read is not None:
-                        await self.before_read(workspace_id)
-                    started = time.perf_counter()
-                    verdicts = await uncancelled(read_verdicts(conn, [workspace_id]))
-                    metrics.DURABLE_CHECK_SECONDS.observe(time.perf_counter() - started)
-                    ticket.verdict = verdicts[workspace_id]
+                query = QUERIES["admit" if wait else "agent_by_token_hash"]
+                row = await uncancelled(conn.fetchrow(query, token_hash))
+            if row is None:
+                raise ApiError(
+                    401, "Unauthorized.", "The agent token is not known.", reason="unknown_token"
+                )
+            metrics.DURABLE_CHECK_SECONDS.observe(time.perf_counter() - started)
+            workspace_id: uuid.UUID = row["workspace_id"]
+            structlog.contextvars.bind_contextvars(workspace_id=str(workspace_id))
+            if self.after_read is not None:
+                await self.after_read(workspace_id)
+            self._take_agent_slot(row["agent_id"])
+            ticket.agent_id = row["agent_id"]
+            ticket.subscription = self._hub.subscribe(workspace_id, wait=wait)
+            if wait:  # without wait: no checks, nothing pre-seeded
+                ticket.verdict = judge(row if row["owner_id"] is not None else None)
+                self._doorbell.catch_up(mark, workspace_id)
         except BaseException:
             ticket.release()
             raise

@@ -98,6 +98,7 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
     app[ADMISSION] = Admission(
         app[POOL],
         hub,
+        doorbell,
         max_streams=settings.max_streams,
         max_streams_per_agent=settings.max_streams_per_agent,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import time
@@ -26,6 +27,9 @@ log = structlog.get_logger("reinitd.server.doorbell")
 CHANNEL: Final = "prebuild_claimed"
 # A payload names a workspace in ~100 bytes; anything much longer is not ours.
 MAX_PAYLOAD_BYTES: Final = 1024
+# Doorbells remembered for connects that read before they registered (a connect takes about a
+# millisecond: even a flood of 100 000 NOTIFYs a second fits many times).
+RECENT: Final = 8192
 # Workspaces per batched read: doorbells, and a resync's steps between them.
 READ_CHUNK: Final = 5000
 RESYNC_CHUNK: Final = 1000
@@ -90,6 +94,10 @@ class Doorbell:
         self._idle.set()
         self._invalid_log = LogThrottle()
         self._unconfirmed_log = LogThrottle()
+        # What was heard, for `catch_up`: the latest doorbells, how many so far, and resyncs.
+        self._recent: collections.deque[uuid.UUID] = collections.deque(maxlen=RECENT)
+        self._heard = 0
+        self._resyncs = 0
 
     def on_payload(self, payload: str, received_at: float) -> None:
         """The router's handler for the claim channel: synchronous, never awaits."""
@@ -108,6 +116,8 @@ class Doorbell:
                     suppressed=suppressed,
                 )
             return
+        self._heard += 1
+        self._recent.append(workspace_id)
         self.ring(workspace_id, received_at)
 
     def ring(self, workspace_id: uuid.UUID, received_at: float = 0.0) -> None:
@@ -120,8 +130,30 @@ class Doorbell:
 
     def ring_all(self) -> None:
         """Re-read every workspace a `wait=true` stream waits on (NOTIFYs may have been lost)."""
+        self._resyncs += 1
         self._resync_asked = True
         self._wake_up()
+
+    def mark(self) -> tuple[int, int]:
+        """Where the doorbells stand now, for `catch_up`."""
+        return (self._heard, self._resyncs)
+
+    def catch_up(self, mark: tuple[int, int], workspace_id: uuid.UUID) -> None:
+        """Ring `workspace_id` again if a doorbell for it, or a resync, came after `mark`.
+
+        A connect reads its workspace's builds with its token lookup (one round trip), and only
+        then registers. A claim committed after that read rings after its commit: either once
+        the stream is registered (the doorbell finds it), or in between — then its doorbell is
+        among those heard since the mark, and this rings it again. A NOTIFY lost to a
+        reconnect in between is covered by that reconnect's resync being counted."""
+        heard, resyncs = mark
+        missed = self._heard - heard
+        if (
+            resyncs != self._resyncs
+            or missed > len(self._recent)
+            or workspace_id in itertools.islice(reversed(self._recent), missed)
+        ):
+            self.ring(workspace_id)
 
     def _wake_up(self) -> None:
         self._idle.clear()

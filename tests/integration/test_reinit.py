@@ -22,6 +22,8 @@ from tests.support import (
     Stream,
     assert_no_more_events,
     open_stream,
+    sample,
+    settle,
 )
 
 Client = TestClient[web.Request, web.Application]
@@ -148,19 +150,40 @@ async def test_legacy_request_ignores_claim_failed(client: Client, sql: Sql) -> 
 # --- the ordering: register, then read --------------------------------------------------
 
 
-async def test_claim_between_registration_and_read_delivered_once(client: Client, sql: Sql) -> None:
-    """A claim committed exactly between queue registration and the build read: one event."""
+async def test_claim_between_read_and_registration_delivered_once(client: Client, sql: Sql) -> None:
+    """The worst instant: a claim committed after the connect's read and its NOTIFY heard (and
+    found nobody to tell) before the stream registered. The catch-up rings it again: one
+    event."""
     agent = await sql.prebuild()
     owner = await sql.user()
 
     async def commit_claim(workspace_id: uuid.UUID) -> None:
         assert workspace_id == agent.workspace_id
         await sql.claim(workspace_id, owner)
+        await settle(client)  # its doorbell has been heard, and dropped: no stream yet
 
-    client.app[ADMISSION].before_read = commit_claim
+    client.app[ADMISSION].after_read = commit_claim
+    before = sample("reinitd_doorbells_total", outcome="no_waiters")
+    stream = await open_stream(client, agent.token)
+    assert sample("reinitd_doorbells_total", outcome="no_waiters") == before + 1
+    assert (await stream.event()).data == claimed(agent, owner)
+    await assert_no_more_events(client, stream, agent.workspace_id)
+
+
+async def test_claim_committed_after_the_read_and_heard_after_registration(
+    client: Client, sql: Sql
+) -> None:
+    """A claim committed after the read whose NOTIFY arrives once the stream is registered
+    comes by its doorbell: one event."""
+    agent = await sql.prebuild()
+    owner = await sql.user()
+
+    async def commit_claim(workspace_id: uuid.UUID) -> None:
+        await sql.claim(workspace_id, owner)  # the NOTIFY is still on its way
+
+    client.app[ADMISSION].after_read = commit_claim
     stream = await open_stream(client, agent.token)
     assert (await stream.event()).data == claimed(agent, owner)
-    # Both the read and the doorbell saw it; the stream delivers it once.
     await assert_no_more_events(client, stream, agent.workspace_id)
 
 
@@ -261,17 +284,17 @@ async def test_wait_parsed_like_go_parsebool(
 @pytest.mark.parametrize("found_by", ["read", "doorbell"])
 async def test_json_long_poll_returns_event(client: Client, sql: Sql, found_by: str) -> None:
     """With Accept: application/json, the event comes back as a plain JSON body, whether the
-    durable check finds the claim or the doorbell brings it after the check."""
+    connect's read finds the claim or the doorbell brings it after the read."""
     agent = await sql.prebuild()
     owner = await sql.user()
-    checked = asyncio.Event()
+    if found_by == "read":
+        await sql.claim(agent.workspace_id, owner)
+    read = asyncio.Event()
 
-    async def around_read(_workspace_id: uuid.UUID) -> None:
-        if found_by == "read":
-            await sql.claim(agent.workspace_id, owner)
-        checked.set()
+    async def after_read(_workspace_id: uuid.UUID) -> None:
+        read.set()
 
-    client.app[ADMISSION].before_read = around_read
+    client.app[ADMISSION].after_read = after_read
     request = asyncio.create_task(
         client.get(
             REINIT,
@@ -279,7 +302,7 @@ async def test_json_long_poll_returns_event(client: Client, sql: Sql, found_by: 
             headers={"Coder-Session-Token": agent.token, "Accept": "application/json"},
         )
     )
-    await asyncio.wait_for(checked.wait(), 5)
+    await asyncio.wait_for(read.wait(), 5)
     if found_by == "doorbell":
         await sql.claim(agent.workspace_id, owner)
     response = await asyncio.wait_for(request, 10)

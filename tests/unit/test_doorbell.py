@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from reinitd.server.claim import PREBUILDS_USER_ID, Verdict, judge
-from reinitd.server.doorbell import Doorbell
+from reinitd.server.doorbell import RECENT, Doorbell
 from reinitd.server.hub import Delivery, End, Hub, Subscription
 from reinitd.wire import ReinitEvent
 
@@ -195,3 +195,48 @@ def test_the_fake_judges_like_the_real_rules() -> None:
     verdict = asyncio.run(database.read([workspace_id]))[workspace_id]
     assert verdict == judge(database.rows[workspace_id])
     assert getattr(verdict, "event", None) == ReinitEvent(workspace_id, owner_id=owner)
+
+
+async def test_a_connect_catches_up_with_doorbells_heard_since_its_read(
+    world: tuple[FakeDatabase, Hub, Doorbell],
+) -> None:
+    """A connect read its workspace, then registered: a doorbell for it heard in between (and
+    dropped, nobody was waiting) is rung again; one for another workspace is not."""
+    database, hub, doorbell = world
+    workspace_id, other = database.prebuild(), database.prebuild()
+    owner = uuid.uuid4()
+    mark = doorbell.mark()
+    database.claim(workspace_id, owner)
+    doorbell.on_payload(str(workspace_id), 1.0)  # heard before the stream registered
+    doorbell.on_payload(str(other), 1.0)
+    await asyncio.wait_for(doorbell.idle(), 5)
+    assert database.reads == []  # nobody waited on either
+    with hub.subscribe(workspace_id, wait=True) as sub, hub.subscribe(other, wait=True):
+        doorbell.catch_up(mark, workspace_id)
+        doorbell.catch_up(mark, other)
+        doorbell.catch_up(doorbell.mark(), workspace_id)  # nothing since: no ring
+        await asyncio.wait_for(doorbell.idle(), 5)
+        assert database.reads == [[workspace_id, other]]
+        assert claims_of(sub) == [owner]
+
+
+async def test_a_connect_catches_up_after_a_reconnect_or_too_many_doorbells(
+    world: tuple[FakeDatabase, Hub, Doorbell],
+) -> None:
+    """A resync asked for since the read (the listener reconnected: NOTIFYs may be lost), or
+    more doorbells than are remembered, ring the workspace again to be safe."""
+    database, hub, doorbell = world
+    workspace_id = database.prebuild()
+    with hub.subscribe(workspace_id, wait=True):
+        reconnect = doorbell.mark()
+        doorbell.ring_all()
+        await asyncio.wait_for(doorbell.idle(), 5)
+        flood = doorbell.mark()
+        for _ in range(RECENT + 1):
+            doorbell.on_payload(str(uuid.uuid4()), 0.0)
+        database.reads.clear()
+        doorbell.catch_up(reconnect, workspace_id)
+        await asyncio.wait_for(doorbell.idle(), 5)
+        doorbell.catch_up(flood, workspace_id)
+        await asyncio.wait_for(doorbell.idle(), 5)
+        assert database.reads == [[workspace_id], [workspace_id]]
