@@ -48,7 +48,13 @@ def describe(exc: BaseException, dsn: str | None = None) -> str:
 
 
 async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
-    """asyncpg.connect with a bounded wait; failures become DatabaseUnavailableError."""
+    """asyncpg.connect with a bounded wait; failures become DatabaseUnavailableError.
+
+    Without a statement cache unless asked: such one-off connections (migrations) gain
+    nothing from one, and through a transaction pooler a cached `__asyncpg_stmt_1__` collides
+    with the one a previous process left on a pooled server connection
+    (DuplicatePreparedStatementError on every restart)."""
+    kwargs.setdefault("statement_cache_size", 0)
     try:
         conn: asyncpg.Connection = await asyncpg.connect(
             dsn, timeout=kwargs.pop("timeout", CONNECT_TIMEOUT), **kwargs
