@@ -168,6 +168,16 @@ SERVE: tuple[Option, ...] = (
         database_url,
         metavar="URL",
     ),
+    Option(
+        "database_pooler",
+        "REINITD_DATABASE_POOLER",
+        "none",
+        "transaction when the database URL goes through a transaction-pooling PgBouncer "
+        "(queries then use no named prepared statements); none for PostgreSQL itself or a "
+        "session pooler",
+        choices=("none", "transaction"),
+        metavar="MODE",
+    ),
     PING_INTERVAL,
     Option(
         "write_timeout",
@@ -323,6 +333,7 @@ class Settings:
 
     database_url: str
     listen_database_url: str | None
+    database_pooler: str
     host: str
     port: int
     ping_interval: float

@@ -14,7 +14,7 @@ from aiohttp import web
 from reinitd.server import handler
 from reinitd.server.admission import Admission
 from reinitd.server.claim import read_verdicts
-from reinitd.server.database import CONNECT_TIMEOUT
+from reinitd.server.database import CONNECT_TIMEOUT, statement_cache_size
 from reinitd.server.doorbell import CHANNEL, Doorbell
 from reinitd.server.hub import Hub
 from reinitd.server.keys import (
@@ -53,6 +53,7 @@ async def _pool(app: web.Application) -> AsyncIterator[None]:
         server_settings={"application_name": "reinitd"},
         reset=_no_reset,
         timeout=CONNECT_TIMEOUT,
+        statement_cache_size=statement_cache_size(settings.database_pooler),
     )
     yield
     await app[POOL].close()

@@ -19,6 +19,18 @@ CONNECTION_ERRORS: Final = (
 )
 # A server that accepts TCP but never answers must not hold a start or a reconnect for long.
 CONNECT_TIMEOUT: Final = 10.0
+# asyncpg's default: each connection prepares a statement once, by name, and reuses it.
+STATEMENT_CACHE_SIZE: Final = 100
+
+
+def statement_cache_size(pooler: str) -> int:
+    """Named prepared statements outlive a transaction only on a connection of one's own.
+    Behind a transaction-pooling PgBouncer (before 1.21) the next transaction may run on
+    another server connection, where the name is missing (`prepared statement
+    "__asyncpg_stmt_7__" does not exist`) or belongs to another client. Without a cache,
+    asyncpg sends each query's Parse again with its Bind, Execute and Sync (asyncpg >= 0.29),
+    so every query is complete on whichever server connection runs it."""
+    return 0 if pooler == "transaction" else STATEMENT_CACHE_SIZE
 
 
 def where(dsn: str) -> str:
