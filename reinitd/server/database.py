@@ -10,12 +10,14 @@ import asyncpg
 
 from reinitd.errors import DatabaseUnavailableError, ReinitdError
 
-# Failures a dead or unreachable database shows up as.
+# Failures a dead or unreachable database shows up as; with a multi-host URL, also every host
+# answering while none is what target_session_attrs asks for (no writable primary yet).
 CONNECTION_ERRORS: Final = (
     OSError,
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.TargetServerAttributeNotMatched,
 )
 # A server that accepts TCP but never answers must not hold a start or a reconnect for long.
 CONNECT_TIMEOUT: Final = 10.0

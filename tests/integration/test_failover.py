@@ -15,10 +15,12 @@ from urllib.parse import quote
 
 import asyncpg
 import pytest
+import structlog
 
 from reinitd.server.embedded import SUPERUSER, Cluster, free_port
+from reinitd.server.keys import LISTENER
 from reinitd.server.migration import migrate
-from tests.support import ServerFactory, Sql, assert_no_more_events, open_stream
+from tests.support import ServerFactory, Sql, assert_no_more_events, open_stream, until
 
 # The embedded cluster's pg_hba.conf has no line for replication connections.
 REPLICATION_HBA = "host replication all 127.0.0.1/32 scram-sha-256\n"
@@ -147,3 +149,37 @@ async def test_waiting_agents_get_claims_across_a_standby_promotion(
         await new_primary.close()
     for agent, stream in zip(agents, streams, strict=True):
         await assert_no_more_events(client, stream, agent.workspace_id)
+
+
+async def test_no_writable_host_is_waited_out_not_a_crash(
+    pair: Pair, primary_conn: asyncpg.Connection, make_server: ServerFactory
+) -> None:
+    """Every host up and none writable (primary fenced read-only, standby in recovery): the
+    listener retries with one-line warnings, never crashes, and hears claims once writes
+    come back."""
+    client = await make_server(database_url=pair.url)
+    sql = Sql(primary_conn)
+    agent = await sql.prebuild()
+    stream = await open_stream(client, agent.token)
+    listener = client.app[LISTENER]
+    assert listener.connection is not None
+    with structlog.testing.capture_logs() as logs:
+        await primary_conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        await primary_conn.execute("SELECT pg_reload_conf()")
+        await primary_conn.execute(
+            "SELECT pg_terminate_backend($1)", listener.connection.get_server_pid()
+        )
+        await until(
+            lambda: sum("target attribute" in str(e.get("error")) for e in logs) >= 2,
+            timeout=10,
+            what="listener_connect_failed naming target_session_attrs",
+        )
+        await primary_conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        await primary_conn.execute("SELECT pg_reload_conf()")
+        await until(lambda: listener.connected, timeout=15, what="listener back")
+    refused = [e for e in logs if "target attribute" in str(e.get("error"))]
+    assert {e["event"] for e in refused} == {"listener_connect_failed"}
+    assert "task_crashed" not in {e["event"] for e in logs}
+    owner = await sql.user()
+    await sql.claim(agent.workspace_id, owner)
+    assert (await stream.event()).data == claimed(agent.workspace_id, owner)
