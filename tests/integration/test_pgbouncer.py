@@ -43,7 +43,7 @@ from tests.support import (
 Client = TestClient[web.Request, web.Application]
 
 PGBOUNCER = shutil.which("pgbouncer", path=f"{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin")
-# Fewer server connections than reinitd's own pool: clients really share them.
+# default_pool_size below reinitd's own pool (10): clients really share server connections.
 CONFIG = """\
 [databases]
 reinitd = host=127.0.0.1 port={pg_port} dbname=reinitd
@@ -202,7 +202,7 @@ async def test_a_listen_url_through_pgbouncer_is_reported_and_never_ready(
     bouncer: Bouncer, make_server: ServerFactory, sql: Sql
 ) -> None:
     """LISTEN through a transaction pooler hears nothing: `listener_deaf` at ERROR naming
-    PgBouncer within seconds, /readyz 503 throughout, claims still arrive (the re-read after
+    PgBouncer within seconds, /readyz 503, claims still arrive (the re-read after
     each replacement); with the listen URL fixed the server is ready and hears claims."""
     with structlog.testing.capture_logs() as logs:
         client = await make_server(
