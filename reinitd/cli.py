@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                 option.flag,
                 dest=option.name,
                 metavar=option.metavar or option.name.upper(),
+                # argparse formats help with %: a literal one must be doubled
                 help=f"{option.help}{choices} [env {option.env}; default: "
-                f"{_shown(option.default)}]",
+                f"{_shown(option.default)}]".replace("%", "%%"),
             )
         if command is AGENT:
             sub.add_argument(

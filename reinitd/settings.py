@@ -160,6 +160,16 @@ SERVE: tuple[Option, ...] = (
         database_url,
         metavar="URL",
     ),
+    Option(
+        "database_pooler",
+        "REINITD_DATABASE_POOLER",
+        "none",
+        "transaction when the database URL goes through a transaction-pooling PgBouncer "
+        "(queries then use no named prepared statements); none for PostgreSQL itself or a "
+        "session pooler",
+        choices=("none", "transaction"),
+        metavar="MODE",
+    ),
     PING_INTERVAL,
     Option(
         "write_timeout",
@@ -188,8 +198,9 @@ SERVE: tuple[Option, ...] = (
     Option(
         "max_streams",
         "REINITD_MAX_STREAMS",
-        18_000,
-        "open streams per process before new requests get 503 with Retry-After",
+        None,
+        "open streams per process before new requests get 503 with Retry-After; unset: the "
+        "connection budget less 2 %",
         positive_integer,
         metavar="N",
     ),
@@ -325,13 +336,14 @@ class Settings:
 
     database_url: str
     listen_database_url: str | None
+    database_pooler: str
     host: str
     port: int
     ping_interval: float
     write_timeout: float
     resync_interval: float
     probe_interval: float
-    max_streams: int
+    max_streams: int | None
     max_streams_per_agent: int
     header_timeout: float
     max_connections: int | None

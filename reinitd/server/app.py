@@ -14,8 +14,8 @@ from aiohttp import web
 from reinitd.server import handler
 from reinitd.server.admission import Admission
 from reinitd.server.claim import read_verdicts
-from reinitd.server.connection import Runner, connection_budget
-from reinitd.server.database import CONNECT_TIMEOUT
+from reinitd.server.connection import Runner, fit
+from reinitd.server.database import CONNECT_TIMEOUT, statement_cache_size
 from reinitd.server.doorbell import CHANNEL, Doorbell
 from reinitd.server.hub import Hub
 from reinitd.server.keys import (
@@ -54,6 +54,7 @@ async def _pool(app: web.Application) -> AsyncIterator[None]:
         server_settings={"application_name": "reinitd"},
         reset=_no_reset,
         timeout=CONNECT_TIMEOUT,
+        statement_cache_size=statement_cache_size(settings.database_pooler),
     )
     yield
     await app[POOL].close()
@@ -99,7 +100,7 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
         app[POOL],
         hub,
         doorbell,
-        max_streams=settings.max_streams,
+        max_streams=settings.max_streams or 0,
         max_streams_per_agent=settings.max_streams_per_agent,
     )
     app[DOORBELL], app[LISTENER], app[READINESS] = doorbell, listener, readiness
@@ -122,9 +123,11 @@ async def _on_shutdown(app: web.Application) -> None:
     app[HUB].end_all("shutdown")
 
 
-def make_runner(app: web.Application, settings: Settings, **kwargs: Any) -> Runner:
+def make_runner(app: web.Application, **kwargs: Any) -> Runner:
     """The runner `serve` and the tests use: aiohttp's, with the connection budget."""
-    budget = settings.max_connections or connection_budget(settings.pool_max_size)
+    settings = app[SETTINGS]
+    assert settings.max_connections is not None  # create_app fitted it
+    budget = settings.max_connections
     options = {
         "handle_signals": False,
         "shutdown_timeout": settings.shutdown_timeout,
@@ -156,7 +159,12 @@ def server_options(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[request_context])
-    app[SETTINGS] = settings
+    app[SETTINGS] = settings = fit(settings)
+    log.info(
+        "connection_budget",
+        connections=settings.max_connections,
+        max_streams=settings.max_streams,
+    )
     app[HUB] = Hub(queue_limit=settings.queue_limit)
     app[REFUSALS] = Refusals()
     app.cleanup_ctx.append(_pool)

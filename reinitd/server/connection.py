@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import resource
+from dataclasses import replace
 from typing import Any, Final
 
 import structlog
@@ -20,6 +21,7 @@ from aiohttp.web_protocol import RequestHandler
 from reinitd.server import metrics
 from reinitd.server.refusal import Refusals
 from reinitd.server.throttle import LogThrottle
+from reinitd.settings import Settings
 
 log = structlog.get_logger("reinitd.server.connection")
 
@@ -48,6 +50,26 @@ def file_limit() -> int:
 def connection_budget(pool_size: int) -> int:
     """How many client connections this process may hold at once."""
     return max(16, file_limit() - RESERVED_FILES - ACCEPT_BATCH - pool_size)
+
+
+def fit(settings: Settings) -> Settings:
+    """The connection budget and the stream cap made explicit. Streams may fill the budget
+    but for 2 % kept for probes and new connects, so that a full server answers an agent
+    with a 503 it understands rather than shedding its connection; a cap asked above that is
+    lowered, and said so."""
+    budget = settings.max_connections or connection_budget(settings.pool_max_size)
+    cap = budget - budget // 50
+    max_streams = cap if settings.max_streams is None else settings.max_streams
+    if max_streams > cap:
+        log.warning(
+            "max_streams_lowered",
+            max_streams=cap,
+            asked=max_streams,
+            connection_budget=budget,
+            hint="raise the open-file limit (ulimit -n) to hold more streams",
+        )
+        max_streams = cap
+    return replace(settings, max_connections=budget, max_streams=max_streams)
 
 
 class GuardedHandler(RequestHandler):

@@ -14,15 +14,29 @@ import asyncpg
 
 from reinitd.errors import DatabaseUnavailableError, ReinitdError
 
-# Failures a dead or unreachable database shows up as.
+# Failures a dead or unreachable database shows up as; with a multi-host URL, also every host
+# answering while none is what target_session_attrs asks for (no writable primary yet).
 CONNECTION_ERRORS: Final = (
     OSError,
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.TargetServerAttributeNotMatched,
 )
 # A server that accepts TCP but never answers must not hold a start or a reconnect for long.
 CONNECT_TIMEOUT: Final = 10.0
+# asyncpg's default: each connection prepares a statement once, by name, and reuses it.
+STATEMENT_CACHE_SIZE: Final = 100
+
+
+def statement_cache_size(pooler: str) -> int:
+    """Named prepared statements outlive a transaction only on a connection of one's own.
+    Behind a transaction-pooling PgBouncer (before 1.21) the next transaction may run on
+    another server connection, where the name is missing (`prepared statement
+    "__asyncpg_stmt_7__" does not exist`) or belongs to another client. Without a cache,
+    asyncpg sends each query's Parse again with its Bind, Execute and Sync (asyncpg >= 0.29),
+    so every query is complete on whichever server connection runs it."""
+    return 0 if pooler == "transaction" else STATEMENT_CACHE_SIZE
 
 
 def where(dsn: str) -> str:
@@ -52,7 +66,13 @@ def describe(exc: BaseException, dsn: str | None = None) -> str:
 
 
 async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
-    """asyncpg.connect with a bounded wait; failures become DatabaseUnavailableError."""
+    """asyncpg.connect with a bounded wait; failures become DatabaseUnavailableError.
+
+    Without a statement cache unless asked: such one-off connections (migrations) gain
+    nothing from one, and through a transaction pooler a cached `__asyncpg_stmt_1__` collides
+    with the one a previous process left on a pooled server connection
+    (DuplicatePreparedStatementError on every restart)."""
+    kwargs.setdefault("statement_cache_size", 0)
     try:
         conn: asyncpg.Connection = await asyncpg.connect(
             dsn, timeout=kwargs.pop("timeout", CONNECT_TIMEOUT), **kwargs

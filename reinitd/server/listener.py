@@ -185,6 +185,9 @@ class Listener:
                     timeout=CONNECT_TIMEOUT,
                     server_settings={"application_name": "reinitd-listener"},
                     connection_class=ListenConnection,
+                    # Its only query is the idle probe: nothing to gain from named statements,
+                    # which a pooler in its way would break (it is then found deaf instead).
+                    statement_cache_size=0,
                 )
             except CONNECTION_ERRORS as exc:
                 attempt += 1

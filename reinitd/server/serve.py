@@ -31,7 +31,7 @@ from reinitd.errors import ReinitdError
 from reinitd.server import database, embedded
 from reinitd.server.access import AccessLogger
 from reinitd.server.app import create_app, make_runner
-from reinitd.server.connection import ACCEPT_BATCH, AcceptErrors, connection_budget
+from reinitd.server.connection import ACCEPT_BATCH, AcceptErrors, fit
 from reinitd.server.migration import migrate
 from reinitd.server.workers import run_workers
 from reinitd.settings import SERVE, Settings, serve_settings
@@ -100,7 +100,7 @@ async def run_server(settings: Settings, sock: socket.socket, stop: Stop) -> Non
     """Serve on `sock` until asked to stop, then stop accepting, end open streams and exit."""
     asyncio.get_running_loop().set_exception_handler(AcceptErrors())
     app = create_app(settings)
-    runner = make_runner(app, settings, access_log_class=AccessLogger)
+    runner = make_runner(app, access_log_class=AccessLogger)
     await runner.setup()
     try:
         # asyncio accepts up to `backlog` connections per loop iteration: a short burst keeps
@@ -145,25 +145,8 @@ def embedded_database(settings: Settings) -> Iterator[Settings]:
             cluster.stop()
 
 
-def within_budget(settings: Settings) -> Settings:
-    """The connection budget made explicit, and the stream cap kept under it (an agent is then
-    refused with a 503 it understands, before the budget has to shed connections)."""
-    budget = settings.max_connections or connection_budget(settings.pool_max_size)
-    max_streams = min(settings.max_streams, budget * 9 // 10)
-    if max_streams < settings.max_streams:
-        log.warning(
-            "max_streams_lowered",
-            max_streams=max_streams,
-            asked=settings.max_streams,
-            connection_budget=budget,
-            hint="raise the open-file limit (ulimit -n) to hold more streams",
-        )
-    log.info("connection_budget", connections=budget, max_streams=max_streams)
-    return replace(settings, max_connections=budget, max_streams=max_streams)
-
-
 def _serve(settings: Settings, stop: Stop) -> int:
-    settings = within_budget(settings)
+    settings = fit(settings)
     single = settings.workers == 1
     sock = bind(settings, reuse_port=not single)
     if not single:

@@ -22,7 +22,7 @@ from reinitd.server.app import create_app, make_runner
 from reinitd.server.embedded import Cluster, ensure_cluster
 from reinitd.server.keys import LISTENER
 from reinitd.server.migration import migrate
-from reinitd.settings import Settings, serve_settings
+from reinitd.settings import serve_settings
 from tests.support import ServerFactory, Sql
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -69,12 +69,8 @@ def sql(conn: asyncpg.Connection) -> Sql:
 class GuardedTestServer(TestServer):
     """aiohttp's TestServer, serving through reinitd's own runner (the connection budget)."""
 
-    def __init__(self, app: web.Application, settings: Settings) -> None:
-        super().__init__(app)
-        self.settings = settings
-
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
-        return make_runner(self.app, self.settings, **kwargs)
+        return make_runner(self.app, **kwargs)
 
 
 @pytest.fixture
@@ -86,7 +82,7 @@ def make_server(aiohttp_client: ClientFactory, database_url: str) -> ServerFacto
             **{"database_url": database_url, "probe_interval": 0.5, "write_timeout": 2.0}
             | overrides
         )
-        server = GuardedTestServer(create_app(settings), settings)
+        server = GuardedTestServer(create_app(settings))
         await server.start_server()
         # No connection limit: tests hold hundreds of streams open at once.
         client = await aiohttp_client(server, connector=aiohttp.TCPConnector(limit=0))
