@@ -55,11 +55,12 @@ AGENT = Command(
     f"{agent.EXIT_COMMAND_FAILED} CMD failed on every attempt.",
 )
 COMMANDS = {command.name: command for command in (SERVE, MIGRATE, AGENT)}
-# The modules behind each command, and the install extra that brings their dependencies.
+# The module behind each command, the packages it needs, and the install that brings them.
+_SERVER_NEEDS = ("asyncpg", "prometheus_client")
 ENTRY = {
-    "serve": ("reinitd.server.serve", "asyncpg", "server"),
-    "migrate": ("reinitd.server.serve", "asyncpg", "server"),
-    "agent": ("reinitd.agent.command", "aiohttp", None),
+    "serve": ("reinitd.server.serve", _SERVER_NEEDS, "reinitd[server]"),
+    "migrate": ("reinitd.server.serve", _SERVER_NEEDS, "reinitd[server]"),
+    "agent": ("reinitd.agent.command", ("aiohttp", "structlog"), "reinitd"),
 }
 
 
@@ -109,11 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingError as exc:
         parser.exit(2, f"reinitd {command.name}: {exc}\n")
     values["once"] = getattr(args, "once", False)
-    module, needs, extra = ENTRY[command.name]
-    if importlib.util.find_spec(needs) is None:
-        hint = f" pip install 'reinitd[{extra}]'" if extra else " pip install reinitd"
+    module, needs, install = ENTRY[command.name]
+    missing = [name for name in needs if importlib.util.find_spec(name) is None]
+    if missing:
         parser.exit(
-            1, f"reinitd {command.name}: this install lacks {needs}; install it with{hint}\n"
+            1,
+            f"reinitd {command.name}: this install lacks {', '.join(missing)}; "
+            f"install it with: pip install '{install}'\n",
         )
     runner = importlib.import_module(module)
     code: int = runner.main(command.name, values)
