@@ -45,14 +45,16 @@ AGENT = Command(
     "the agent side: wait for the claim and run a command",
     "Wait on the reinit endpoint with wait=true and run CMD once per claim, with "
     "REINITD_WORKSPACE_ID, REINITD_OWNER_ID and REINITD_REASON in its environment. Reconnects "
-    "with capped exponential backoff on any error (an unknown token included: it may not be "
-    "provisioned yet); a claim counts as handled once CMD exits 0, and handled claims are "
-    "recorded in a state file so that a restarted agent never runs CMD twice for one claim.",
+    "with capped exponential backoff on any error; a 401 (a token the server does not know, "
+    "perhaps not provisioned yet) is logged at warning and retried too. A claim counts as "
+    "handled once CMD exits 0, and handled claims are recorded in a state file so that a "
+    "restarted agent never runs CMD twice for one claim. Logs are JSON lines on stderr.",
     settings.AGENT,
     epilog=f"Exit codes: {agent.EXIT_OK} --once printed an event, or a signal stopped the agent; "
-    f"{agent.EXIT_USAGE} bad usage; {agent.EXIT_NOT_WAITING} the server answered 409 (the "
-    "workspace is not, or no longer, a prebuild waiting to be claimed); "
-    f"{agent.EXIT_COMMAND_FAILED} CMD failed on every attempt.",
+    f"{agent.EXIT_USAGE} bad usage (a missing or invalid option, an unwritable or corrupt state "
+    f"file); {agent.EXIT_NOT_WAITING} the server answered 409 (the workspace is not, or no "
+    f"longer, a prebuild waiting to be claimed); {agent.EXIT_COMMAND_FAILED} CMD failed on "
+    "every attempt.",
 )
 COMMANDS = {command.name: command for command in (SERVE, MIGRATE, AGENT)}
 # The module behind each command, the packages it needs, and the install that brings them.
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="print the first event as JSON on stdout and exit 0",
             )
+            sub.add_argument("--version", action="version", version=f"reinitd {__version__}")
     return parser
 
 
