@@ -4,6 +4,7 @@ what it imports."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import stat
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from reinitd import cli
 from reinitd.agent import EXIT_COMMAND_FAILED, EXIT_USAGE
 from reinitd.agent.runner import Agent, AgentConfig, StateFile
 from reinitd.errors import SettingError
@@ -190,3 +192,25 @@ def test_agent_never_imports_the_server(args: list[str], loaded: str) -> None:
     modules = loaded_modules(*args)
     assert loaded in modules  # the path was taken, and importtime's output was read
     assert server_side(modules) == []
+
+
+def test_serve_without_the_server_extra_names_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where the server's packages are missing, serve exits 1 with one line naming them and
+    the install that brings them."""
+    real_find_spec = importlib.util.find_spec
+    absent = {"asyncpg", "prometheus_client"}
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *rest: None if name in absent else real_find_spec(name, *rest),
+    )
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (
+        "reinitd serve: this install lacks asyncpg, prometheus_client; "
+        "install it with: pip install 'reinitd[server]'\n"
+    )
