@@ -45,21 +45,24 @@ AGENT = Command(
     "the agent side: wait for the claim and run a command",
     "Wait on the reinit endpoint with wait=true and run CMD once per claim, with "
     "REINITD_WORKSPACE_ID, REINITD_OWNER_ID and REINITD_REASON in its environment. Reconnects "
-    "with capped exponential backoff on any error (an unknown token included: it may not be "
-    "provisioned yet); a claim counts as handled once CMD exits 0, and handled claims are "
-    "recorded in a state file so that a restarted agent never runs CMD twice for one claim.",
+    "with capped exponential backoff on any error; a 401 (a token the server does not know, "
+    "perhaps not provisioned yet) is logged at warning and retried too. A claim counts as "
+    "handled once CMD exits 0, and handled claims are recorded in a state file so that a "
+    "restarted agent never runs CMD twice for one claim. Logs are JSON lines on stderr.",
     settings.AGENT,
     epilog=f"Exit codes: {agent.EXIT_OK} --once printed an event, or a signal stopped the agent; "
-    f"{agent.EXIT_USAGE} bad usage; {agent.EXIT_NOT_WAITING} the server answered 409 (the "
-    "workspace is not, or no longer, a prebuild waiting to be claimed); "
-    f"{agent.EXIT_COMMAND_FAILED} CMD failed on every attempt.",
+    f"{agent.EXIT_USAGE} bad usage (a missing or invalid option, an unwritable or corrupt state "
+    f"file); {agent.EXIT_NOT_WAITING} the server answered 409 (the workspace is not, or no "
+    f"longer, a prebuild waiting to be claimed); {agent.EXIT_COMMAND_FAILED} CMD failed on "
+    "every attempt.",
 )
 COMMANDS = {command.name: command for command in (SERVE, MIGRATE, AGENT)}
-# The modules behind each command, and the install extra that brings their dependencies.
+# The module behind each command, the packages it needs, and the install that brings them.
+_SERVER_NEEDS = ("asyncpg", "prometheus_client")
 ENTRY = {
-    "serve": ("reinitd.server.serve", "asyncpg", "server"),
-    "migrate": ("reinitd.server.serve", "asyncpg", "server"),
-    "agent": ("reinitd.agent.command", "aiohttp", None),
+    "serve": ("reinitd.server.serve", _SERVER_NEEDS, "reinitd[server]"),
+    "migrate": ("reinitd.server.serve", _SERVER_NEEDS, "reinitd[server]"),
+    "agent": ("reinitd.agent.command", ("aiohttp", "structlog"), "reinitd"),
 }
 
 
@@ -98,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="print the first event as JSON on stdout and exit 0",
             )
+            sub.add_argument("--version", action="version", version=f"reinitd {__version__}")
     return parser
 
 
@@ -110,11 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingError as exc:
         parser.exit(2, f"reinitd {command.name}: {exc}\n")
     values["once"] = getattr(args, "once", False)
-    module, needs, extra = ENTRY[command.name]
-    if importlib.util.find_spec(needs) is None:
-        hint = f" pip install 'reinitd[{extra}]'" if extra else " pip install reinitd"
+    module, needs, install = ENTRY[command.name]
+    missing = [name for name in needs if importlib.util.find_spec(name) is None]
+    if missing:
         parser.exit(
-            1, f"reinitd {command.name}: this install lacks {needs}; install it with{hint}\n"
+            1,
+            f"reinitd {command.name}: this install lacks {', '.join(missing)}; "
+            f"install it with: pip install '{install}'\n",
         )
     runner = importlib.import_module(module)
     code: int = runner.main(command.name, values)

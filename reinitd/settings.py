@@ -77,9 +77,14 @@ def database_url(text: str) -> str:
 
 
 def http_url(text: str) -> str:
-    parts = urllib.parse.urlsplit(text)
+    expected = "expected the base URL of reinitd, like http://reinitd.internal:8080"
+    try:
+        parts = urllib.parse.urlsplit(text)
+        _ = parts.port  # raises on a port that is not a number from 0 to 65535
+    except ValueError:
+        raise SettingError(expected) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SettingError("expected the base URL of reinitd, like http://reinitd.internal:8080")
+        raise SettingError(expected)
     return text
 
 
@@ -274,13 +279,19 @@ AGENT: tuple[Option, ...] = (
         http_url,
     ),
     Option("token", "REINITD_AGENT_TOKEN", None, "the agent token, a UUID (required)", agent_token),
-    Option("exec", "REINITD_EXEC", None, "shell command to run on each claim", metavar="CMD"),
+    Option(
+        "exec",
+        "REINITD_EXEC",
+        None,
+        "shell command to run on each claim (required unless --once)",
+        metavar="CMD",
+    ),
     Option(
         "state_file",
         "REINITD_AGENT_STATE_FILE",
         None,
-        "where handled claims are recorded; unset: "
-        "$XDG_STATE_HOME/reinitd/agent-<token digest>.json",
+        "where handled claims are recorded, checked writable at start; unset: "
+        "$XDG_STATE_HOME (or ~/.local/state)/reinitd/agent-<token digest>.json",
         Path,
         metavar="PATH",
     ),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,16 +27,41 @@ BACKOFF_CEILING = 10.0
 SILENT_PINGS = 3
 
 
+# A line longer than this is not SSE from reinitd: the stream is dropped, not buffered.
+MAX_LINE = 64 * 1024
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
 @dataclass
 class SseParser:
-    """Tolerant Server-Sent Events parsing: CRLF/CR/LF, comments, `retry:`, multi-line data."""
+    """Server-Sent Events from a byte stream read in chunks of any size. Lines end in CRLF, CR
+    or LF (a CRLF split across two chunks counts once); comments, `retry:`, multi-line data."""
 
+    _partial: bytes = b""
+    _after_cr: bool = False  # the last chunk ended in CR: a LF opening the next one is its pair
     _event: str = ""
     _data: list[str] = field(default_factory=list)
 
-    def feed(self, raw: bytes) -> tuple[str, str] | None:
-        """Feed one line; returns (event, data) when a blank line completes a frame."""
-        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+    def feed(self, chunk: bytes) -> list[tuple[str, str]]:
+        """Feed bytes as they arrive; returns the (event, data) frames they complete."""
+        if self._after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        self._after_cr = False
+        if not chunk:
+            return []
+        buffer, start, frames = self._partial + chunk, 0, []
+        for end in _LINE_END.finditer(buffer):
+            frame = self._line(buffer[start : end.start()].decode("utf-8", errors="replace"))
+            if frame is not None:
+                frames.append(frame)
+            start = end.end()
+        self._partial = buffer[start:]
+        self._after_cr = buffer.endswith(b"\r")
+        if len(self._partial) > MAX_LINE:
+            raise StreamBroken(f"a line longer than {MAX_LINE} bytes")
+        return frames
+
+    def _line(self, line: str) -> tuple[str, str] | None:
         if not line:
             if not self._event and not self._data:
                 return None
@@ -82,22 +109,27 @@ class _Stream:
         self._response = response
         self._silence_limit = silence_limit
         self._parser = SseParser()
+        self._frames: deque[tuple[str, str]] = deque()
 
     def close(self) -> None:
         self._response.close()
 
-    async def next_event(self) -> ReinitEvent:
-        while True:
+    async def _next_frame(self) -> tuple[str, str]:
+        while not self._frames:
             try:
-                raw = await asyncio.wait_for(self._response.content.readline(), self._silence_limit)
+                chunk = await asyncio.wait_for(
+                    self._response.content.readany(), self._silence_limit
+                )
             except TimeoutError:
                 raise StreamBroken(f"no frame for {self._silence_limit:g} s") from None
-            if not raw:
+            if not chunk:
                 raise StreamBroken("the server closed the stream")
-            frame = self._parser.feed(raw)
-            if frame is None:
-                continue
-            kind, data = frame
+            self._frames.extend(self._parser.feed(chunk))
+        return self._frames.popleft()
+
+    async def next_event(self) -> ReinitEvent:
+        while True:
+            kind, data = await self._next_frame()
             if kind == "data":
                 return parse_event(data)
             if kind == "error":
@@ -169,9 +201,10 @@ async def reinit_events(
     backoff_ceiling: float = BACKOFF_CEILING,
     session: aiohttp.ClientSession | None = None,
 ) -> AsyncGenerator[ReinitEvent, None]:
-    """Every distinct reinit event, forever: reconnects on any error with capped, jittered
-    exponential backoff (reset after a successful connect); raises `ReinitError` with
-    status 409 when the workspace is not, or no longer, waiting to be claimed."""
+    """Every distinct reinit event, forever: reconnects on any error or refusal (401 too) with
+    capped, jittered exponential backoff (reset after a successful connect); raises
+    `ReinitError` with status 409 when the workspace is not, or no longer, waiting to be
+    claimed."""
     seen: set[tuple[uuid.UUID, str, uuid.UUID | None]] = set()
     attempt = 0
     async with _session(session) as http:
@@ -200,10 +233,17 @@ async def reinit_events(
                     stream.close()
             attempt += 1
             delay = backoff_delay(attempt, backoff_floor, backoff_ceiling)
-            log.warning(
-                "agent_reconnecting",
-                error=str(error) or type(error).__name__,
-                attempt=attempt,
-                retry_in_s=round(delay, 3),
-            )
+            retry = {"attempt": attempt, "retry_in_s": round(delay, 3)}
+            if isinstance(error, ReinitError):
+                # Retried, 401 included: a token the server does not know may not be
+                # provisioned yet. The server's words say which refusal it was.
+                log.warning(
+                    "agent_refused",
+                    status=error.status,
+                    message=error.message,
+                    detail=error.detail,
+                    **retry,
+                )
+            else:
+                log.warning("agent_reconnecting", error=str(error) or type(error).__name__, **retry)
             await asyncio.sleep(delay)

@@ -10,11 +10,12 @@ from typing import Any
 
 import structlog
 
+from reinitd import __version__
 from reinitd import log as logsetup
 from reinitd.agent import EXIT_NOT_WAITING, EXIT_OK, EXIT_USAGE
 from reinitd.agent.client import reinit_events
 from reinitd.agent.runner import Agent, AgentConfig, default_state_file
-from reinitd.errors import ReinitError
+from reinitd.errors import ReinitError, SettingError
 
 log = structlog.get_logger("reinitd.agent")
 
@@ -70,9 +71,11 @@ def main(_command: str, values: dict[str, Any]) -> int:
         ping_interval=values["ping_interval"],
     )
     try:
-        agent = Agent(config)
-    except ValueError as exc:
+        agent = Agent(config)  # opens the state file: unwritable or corrupt is bad usage
+    except SettingError as exc:
         print(f"reinitd agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    log.info("agent_starting", url=values["url"], state_file=str(config.state_file))
+    log.info(
+        "agent_starting", version=__version__, url=values["url"], state_file=str(config.state_file)
+    )
     return asyncio.run(_until_signal(agent.run()))

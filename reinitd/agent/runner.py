@@ -15,7 +15,7 @@ import structlog
 from reinitd.agent import EXIT_COMMAND_FAILED, EXIT_NOT_WAITING, EXIT_OK
 from reinitd.agent.client import reinit_events
 from reinitd.backoff import backoff_delay
-from reinitd.errors import ReinitError
+from reinitd.errors import ReinitError, SettingError
 from reinitd.wire import ReinitEvent
 
 log = structlog.get_logger("reinitd.agent")
@@ -34,20 +34,27 @@ def claim_key(event: ReinitEvent) -> str:
 
 
 class StateFile:
-    """The claims already handled, written atomically (temp file, fsync, rename)."""
+    """The claims already handled. Checked writable when opened, before any claim is acted
+    on; each record is written to a temporary file, fsynced, renamed into place, and the
+    directory fsynced, so that a power loss cannot undo it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.handled: set[str] = set()
-        if path.exists():
-            try:
+        try:
+            if path.exists():
                 self.handled = set(json.loads(path.read_text())["handled"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"state file {path} is corrupt: {exc}") from None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".agent-", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise SettingError(f"state file {path}: {exc.strerror or exc}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SettingError(f"state file {path} is corrupt: {exc}") from None
 
     def record(self, key: str) -> None:
         self.handled.add(key)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".agent-", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as out:
@@ -58,6 +65,11 @@ class StateFile:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)  # the rename itself is durable only once its directory is
+        finally:
+            os.close(directory)
 
 
 @dataclass
@@ -114,8 +126,9 @@ class Agent:
             "REINITD_OWNER_ID": "" if event.owner_id is None else str(event.owner_id),
             "REINITD_REASON": event.reason,
         }
+        claim = claim_key(event)
         for attempt in range(1, self.config.max_attempts + 1):
-            log.info("command_starting", claim=claim_key(event), attempt=attempt)
+            log.info("command_starting", claim=claim, attempt=attempt)
             self.runs += 1
             process = await asyncio.create_subprocess_shell(self.config.command, env=env)
             try:
@@ -125,19 +138,14 @@ class Agent:
                 await process.wait()
                 raise
             if code == 0:
-                log.info("command_succeeded", claim=claim_key(event), attempt=attempt)
+                log.info("command_succeeded", claim=claim, attempt=attempt)
                 return True
+            failed = {"claim": claim, "attempt": attempt, "exit_code": code}
+            if attempt == self.config.max_attempts:
+                log.warning("command_failed", **failed)  # the last attempt: no retry follows
+                break
             delay = backoff_delay(attempt, self.config.retry_floor, 30.0)
-            log.warning(
-                "command_failed",
-                claim=claim_key(event),
-                attempt=attempt,
-                exit_code=code,
-                retry_in_s=round(delay, 3),
-            )
-            if attempt < self.config.max_attempts:
-                await asyncio.sleep(delay)
-        log.error(
-            "command_failed_permanently", claim=claim_key(event), attempts=self.config.max_attempts
-        )
+            log.warning("command_failed", **failed, retry_in_s=round(delay, 3))
+            await asyncio.sleep(delay)
+        log.error("command_failed_permanently", claim=claim, attempts=self.config.max_attempts)
         return False

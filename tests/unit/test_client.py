@@ -1,83 +1,83 @@
-"""The agent side: the client loop and `reinitd agent`, against the real server."""
+"""The agent's client: SSE parsing from raw bytes, and the reconnect loop against fake servers."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import structlog
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
-from reinitd.agent.client import SseParser, reinit_events, wait_for_reinit
+from reinitd.agent.client import MAX_LINE, SseParser, reinit_events, wait_for_reinit
 from reinitd.errors import StreamBroken
 from reinitd.wire import ReinitEvent
-from tests.support import REINIT
+from tests.unit.conftest import FakeServer
 
-Client = TestClient[web.Request, web.Application]
+STREAM = ': hello\nretry: 1000\nevent: ping\n\nevent: data\ndata: {"a":\ndata: 1}\n\n'
+FRAMES = [("ping", ""), ("data", '{"a":\n1}')]
 
 
-def test_parser_tolerates_crlf_comments_retry_and_multiline() -> None:
-    """CRLF and CR line ends, comment lines, retry: and multi-line data all parse."""
+def parse(chunks: list[bytes]) -> list[tuple[str, str]]:
     parser = SseParser()
-    feed = [
-        b": hello\r\n",
-        b"retry: 1000\r\n",
-        b"event: data\r\n",
-        b'data: {"a":\r\n',
-        b"data: 1}\r\n",
-        b"\r\n",
-    ]
-    frames = [parser.feed(line) for line in feed]
-    assert frames[-1] == ("data", '{"a":\n1}')
-    assert frames[:-1] == [None] * 5
+    return [frame for chunk in chunks for frame in parser.feed(chunk)]
 
 
-FakeHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"], ids=["LF", "CRLF", "CR"])
+def test_parser_handles_every_line_ending(newline: str) -> None:
+    """LF, CRLF and CR-only line ends, comments, retry: and multi-line data all parse alike."""
+    raw = STREAM.replace("\n", newline).encode()
+    assert parse([raw]) == FRAMES
 
 
-@pytest.fixture
-async def fake_server() -> AsyncIterator[Callable[[list[bytes]], Awaitable[str]]]:
-    """A server that answers the reinit path with scripted raw bodies, one per connection."""
-    servers: list[TestServer] = []
-
-    async def start(bodies: list[bytes]) -> str:
-        remaining = list(bodies)
-
-        async def handler(request: web.Request) -> web.StreamResponse:
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await response.prepare(request)
-            await response.write(remaining.pop(0) if remaining else b"")
-            if not remaining:
-                await asyncio.sleep(3600)  # the last script stays open
-            return response
-
-        app = web.Application()
-        app.router.add_get(REINIT, handler)
-        server = TestServer(app)
-        await server.start_server()
-        servers.append(server)
-        return str(server.make_url("")).rstrip("/")
-
-    yield start
-    for server in servers:
-        await server.close()
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"], ids=["LF", "CRLF", "CR"])
+def test_parser_is_indifferent_to_how_bytes_are_split(newline: str) -> None:
+    """Any split of the stream into reads, a CRLF cut in two included, gives the same frames."""
+    raw = STREAM.replace("\n", newline).encode()
+    assert parse([raw[i : i + 1] for i in range(len(raw))]) == FRAMES
+    for cut in range(len(raw) + 1):
+        assert parse([raw[:cut], raw[cut:]]) == FRAMES, cut
 
 
-async def test_malformed_frames_do_not_crash_the_client(
-    fake_server: Callable[[list[bytes]], Awaitable[str]],
-) -> None:
+def test_parser_emits_a_cr_terminated_frame_without_waiting_for_more_bytes() -> None:
+    """A frame whose last CR ends a read is complete at once: the next read may be a ping away."""
+    parser = SseParser()
+    assert parser.feed(b"event: data\rdata: x\r\r") == [("data", "x")]
+    assert parser.feed(b"\nevent: ping\r\n\r\n") == [("ping", "")]
+
+
+def test_parser_refuses_an_endless_line() -> None:
+    """A line that never ends is a broken stream, not an unbounded buffer."""
+    parser = SseParser()
+    assert parser.feed(b"data: " + b"x" * (MAX_LINE - 6)) == []  # at the limit: still a line
+    with pytest.raises(StreamBroken, match="longer than"):
+        parser.feed(b"x")
+
+
+def event_frame(workspace_id: uuid.UUID, newline: str = "\n") -> bytes:
+    data = f'{{"workspace_id":"{workspace_id}","reason":"prebuild_claimed"}}'
+    return f"event: data{newline}data: {data}{newline}{newline}".encode()
+
+
+async def test_cr_only_stream_delivers_the_event(fake_server: FakeServer) -> None:
+    """A server that ends its lines with CR only is understood; the stream stays open after."""
+    ws = uuid.uuid4()
+    url = await fake_server([b"event: ping\r\r" + event_frame(ws, "\r")])
+    event = await asyncio.wait_for(wait_for_reinit(url, str(uuid.uuid4())), 10)
+    assert event == ReinitEvent(ws)
+
+
+async def test_malformed_frames_do_not_crash_the_client(fake_server: FakeServer) -> None:
     """Garbage data, bad JSON and an error frame cause reconnects; the good event arrives."""
     ws = uuid.uuid4()
-    good = f'event: data\r\ndata: {{"workspace_id":"{ws}","reason":"prebuild_claimed"}}\r\n\r\n'
     url = await fake_server(
         [
             b"event: data\ndata: not json\n\n",
             b'event: data\ndata: {"workspace_id": 5}\n\n',
             b'event: error\ndata: {"message":"x"}\n\n',
             b"\xff\xfe garbage without structure\n\n",
-            b": comment\nretry: 10\n\n" + good.encode(),
+            b": comment\nretry: 10\n\n" + event_frame(ws, "\r\n"),
         ]
     )
     events = reinit_events(url, str(uuid.uuid4()), backoff_floor=0.01, backoff_ceiling=0.02)
@@ -86,9 +86,30 @@ async def test_malformed_frames_do_not_crash_the_client(
     await events.aclose()
 
 
-async def test_silent_stream_is_treated_as_dead(
-    fake_server: Callable[[list[bytes]], Awaitable[str]],
-) -> None:
+async def test_unknown_token_is_logged_as_a_warning_and_retried(fake_server: FakeServer) -> None:
+    """A 401 is retried with backoff and logged at warning with the server's message and
+    detail, and never with the token; once provisioned, the event arrives."""
+    ws, token = uuid.uuid4(), str(uuid.uuid4())
+    body = {"message": "Unauthorized.", "detail": "The agent token is not known."}
+    refusal = [web.json_response(body, status=401) for _ in range(2)]
+    url = await fake_server([*refusal, event_frame(ws)])
+    with structlog.testing.capture_logs() as logs:
+        events = reinit_events(url, token, backoff_floor=0.01, backoff_ceiling=0.02)
+        assert await asyncio.wait_for(anext(events), 10) == ReinitEvent(ws)
+        await events.aclose()
+    refused = [entry for entry in logs if entry["event"] == "agent_refused"]
+    assert [entry["attempt"] for entry in refused] == [1, 2]
+    for entry in refused:
+        assert entry["log_level"] == "warning"
+        assert entry["status"] == 401
+        assert entry["message"] == "Unauthorized."
+        assert entry["detail"] == "The agent token is not known."
+        assert entry["retry_in_s"] > 0
+    assert "agent_stream_open" in [entry["event"] for entry in logs]
+    assert token not in json.dumps(logs, default=str)
+
+
+async def test_silent_stream_is_treated_as_dead(fake_server: FakeServer) -> None:
     """No frame for three ping intervals: the stream is abandoned."""
     url = await fake_server([b""])
     with pytest.raises(StreamBroken, match="no frame"):
