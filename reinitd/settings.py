@@ -246,6 +246,14 @@ SERVE: tuple[Option, ...] = (
         metavar="N",
     ),
     Option(
+        "event_loop",
+        "REINITD_EVENT_LOOP",
+        "auto",
+        "the event loop; auto is uvloop when it is installed (the server extra brings it), "
+        "else asyncio's own",
+        choices=("auto", "uvloop", "asyncio"),
+    ),
+    Option(
         "shutdown_timeout",
         "REINITD_SHUTDOWN_TIMEOUT",
         5.0,
@@ -359,6 +367,7 @@ class Settings:
     header_timeout: float
     max_connections: int | None
     workers: int
+    event_loop: str
     shutdown_timeout: float
     log_level: str
     log_format: str

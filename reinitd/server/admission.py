@@ -68,8 +68,10 @@ class Ticket:
         if self._released or by is not self._holder:
             return
         self._released = True
+        self._holder = None  # no cycle left behind: a closed stream dies by reference count
         sub = self.subscription
         if sub is not None:
+            sub.detach()
             self._admission._hub.remove(sub)
             if self._opened:
                 _OPEN_STREAMS[sub.wait].dec()

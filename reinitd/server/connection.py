@@ -109,6 +109,10 @@ class GuardedHandler(RequestHandler):
         self.transport = None
         if (server := self.server) is not None:
             server.stream_taken(self)
+        # aiohttp breaks the handler <-> parser cycle in connection_lost, which a connection
+        # given away never reaches: without this, every stream left a dozen objects for the
+        # cyclic collector (a 300 ms pause after a storm of 10 000 connects).
+        self._parser = None
         return transport
 
     def handle_error(

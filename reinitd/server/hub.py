@@ -161,6 +161,10 @@ class Subscription:
         if self._end is not None:
             sink.end(self._end)
 
+    def detach(self) -> None:
+        """Forget the sink (its stream is gone)."""
+        self._sink = None
+
     def _take(self) -> Item | None:
         if self._events:
             return self._events.pop(0)

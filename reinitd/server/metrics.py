@@ -129,3 +129,11 @@ for _reason in (
     "database_unavailable",
 ):
     REFUSALS.labels(_reason)
+
+GC_PAUSE = Histogram(
+    "reinitd_gc_pause_seconds",
+    "Garbage-collection pauses of this process, by generation (2: a full collection)",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+GC_PAUSE_SECONDS = {generation: GC_PAUSE.labels(str(generation)) for generation in (0, 1, 2)}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import socket
@@ -31,8 +30,10 @@ from reinitd.errors import ReinitdError
 from reinitd.server import database, embedded
 from reinitd.server.access import AccessLogger
 from reinitd.server.app import create_app, make_runner
+from reinitd.server.collector import Collector
 from reinitd.server.connection import ACCEPT_BATCH, AcceptErrors, fit
 from reinitd.server.migration import migrate
+from reinitd.server.tasks import running
 from reinitd.server.workers import run_workers
 from reinitd.settings import SERVE, Settings, serve_settings
 
@@ -98,7 +99,10 @@ def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
 
 async def run_server(settings: Settings, sock: socket.socket, stop: Stop) -> None:
     """Serve on `sock` until asked to stop, then stop accepting, end open streams and exit."""
-    asyncio.get_running_loop().set_exception_handler(AcceptErrors())
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(AcceptErrors())
+    collector = Collector()
+    collector.install()
     app = create_app(settings)
     runner = make_runner(app, access_log_class=AccessLogger)
     await runner.setup()
@@ -107,17 +111,17 @@ async def run_server(settings: Settings, sock: socket.socket, stop: Stop) -> Non
         # the connection budget exact; the kernel's queue stays deep.
         await web.SockSite(runner, sock, backlog=ACCEPT_BATCH).start()
         sock.listen(settings.backlog)
-        # Start-up objects live for the whole run: keep the collector from rescanning them.
-        gc.collect()
-        gc.freeze()
+        collector.settle()  # start-up objects live for the whole run
         url = f"http://{settings.host}:{settings.port}"
-        log.info("server_started", url=url)
+        log.info("server_started", url=url, event_loop=type(loop).__module__.split(".")[0])
         print(f"reinitd: serving on {url}", file=sys.stderr, flush=True)
-        await stop.wait()
+        async with running({"collector": collector.run}):
+            await stop.wait()
         log.info("server_stopping", signal=signal.Signals(stop.signal or signal.SIGTERM).name)
     finally:
         started = time.monotonic()
         await runner.cleanup()
+        collector.uninstall()
         log.info("server_stopped", duration_s=round(time.monotonic() - started, 3))
 
 
@@ -171,6 +175,23 @@ def _worker(settings: Settings) -> None:
             asyncio.run(run_server(settings, sock, stop))
 
 
+def use_event_loop(choice: str) -> None:
+    """uvloop when asked, or when `auto` finds it installed; asyncio's own loop otherwise.
+    (`make bench` measures both: uvloop halves the objects a stream keeps, so the collector's
+    pauses, and is faster on every figure.)"""
+    if choice == "asyncio":
+        return
+    try:
+        import uvloop  # noqa: PLC0415 -- optional: only when the loop is chosen
+    except ImportError:
+        if choice == "uvloop":
+            raise ReinitdError(
+                "--event-loop uvloop: uvloop is not installed (pip install 'reinitd[server]')"
+            ) from None
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 def main(command: str, values: dict[str, Any]) -> int:
     logsetup.configure(values["log_level"], values["log_format"], sys.stdout)
     database.quiet_asyncpg_noise()
@@ -179,6 +200,7 @@ def main(command: str, values: dict[str, Any]) -> int:
             if command == "migrate":
                 return _migrate(values)
             settings = serve_settings(**{option.name: values[option.name] for option in SERVE})
+            use_event_loop(settings.event_loop)
             code = _serve(settings, stop)
         except KeyboardInterrupt:
             print("reinitd: interrupted", file=sys.stderr)

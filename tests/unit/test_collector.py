@@ -1,0 +1,119 @@
+"""The garbage-collection policy, and what it relies on: a closed stream dies by reference
+counting, leaving no cycle of reinitd's for the collector."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import socket
+import uuid
+from collections.abc import Iterator
+from unittest import mock
+
+import pytest
+
+from reinitd.server import collector as collector_module
+from reinitd.server.admission import Admission, Ticket
+from reinitd.server.collector import Collector
+from reinitd.server.hub import End, Hub
+from reinitd.server.stream import Stream
+from tests.support import sample
+
+
+@contextlib.contextmanager
+def cyclic_garbage() -> Iterator[list[object]]:
+    """Garbage made inside the block that only the cyclic collector could free: the block runs
+    with automatic collection off, then one collection saves (DEBUG_SAVEALL) what it finds."""
+    gc.collect()  # older garbage is not the block's
+    gc.disable()
+    found: list[object] = []
+    try:
+        yield found
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        found.extend(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+async def test_a_closed_stream_leaves_no_cycle_of_ours() -> None:
+    """Stream, ticket and subscription of a stream that ended are freed by reference counting
+    (frozen by the collector policy, a cycle among them would never be reclaimed)."""
+    hub = Hub()
+    admission = Admission(mock.Mock(), hub, mock.Mock(), max_streams=10, max_streams_per_agent=10)
+    ours, theirs = socket.socketpair()
+    with cyclic_garbage() as garbage:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        admission._take_process_slot()
+        ticket = Ticket(admission)
+        ticket.subscription = hub.subscribe(uuid.uuid4(), wait=True)
+        ticket.open("sse", "r1")
+        stream = Stream(transport, ticket, None, write_timeout=1.0)
+        transport.set_protocol(stream)
+        ticket.hand_over(stream)
+        ticket.subscription.attach(stream)
+        ticket.subscription.end(End("test"))
+        async with asyncio.timeout(5):  # connection_lost releases the ticket
+            while admission.in_use:
+                await asyncio.sleep(0.01)
+        del stream, ticket, transport
+        theirs.close()
+    kinds = {type(obj).__name__ for obj in garbage}
+    assert not kinds & {"Stream", "Ticket", "Subscription"}, kinds
+    assert len(hub) == 0
+
+
+def test_settling_freezes_the_survivors_and_measures_the_pause() -> None:
+    """After a settle, what survived is frozen out of later collections, and every pause is
+    counted by generation."""
+    collector = Collector()
+    collector.install()
+    before = sample("reinitd_gc_pause_seconds_count", generation="2")
+    try:
+        collector.settle()
+        assert gc.get_freeze_count() > 0
+        gc.collect(0)
+        assert sample("reinitd_gc_pause_seconds_count", generation="2") == before + 1
+        assert sample("reinitd_gc_pause_seconds_count", generation="0") >= 1
+    finally:
+        collector.uninstall()
+        gc.unfreeze()
+
+
+async def test_a_full_collection_is_followed_by_a_freeze(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the interpreter ran a full collection on its own, its survivors are frozen at the
+    next check; every RESCAN seconds everything is unfrozen, collected and frozen again."""
+    monkeypatch.setattr(collector_module, "CHECK", 0.01)
+    collector = Collector()
+    collector.install()
+    freezes: list[str] = []
+    monkeypatch.setattr(gc, "freeze", lambda: freezes.append("freeze"))
+    task = asyncio.create_task(collector.run())
+    try:
+        await asyncio.sleep(0.05)
+        assert freezes == []
+        gc.collect()  # a full collection, as the interpreter would run one
+        async with asyncio.timeout(5):
+            while not freezes:
+                await asyncio.sleep(0.01)
+        monkeypatch.setattr(collector_module, "RESCAN", 0.0)
+        settled = mock.Mock()
+        monkeypatch.setattr(collector, "settle", settled)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        task = asyncio.create_task(collector.run())
+        async with asyncio.timeout(5):
+            while not settled.called:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        collector.uninstall()
