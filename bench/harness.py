@@ -259,6 +259,18 @@ async def server_timings(url: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     out = {"server_reads": values.get('reinitd_reads_total{outcome="ok"}', 0.0)}
+    out["gc_settles"] = values.get("reinitd_gc_settles_total", 0.0)
+    gc_counts = [
+        values.get(f'reinitd_gc_pause_seconds_count{{generation="{g}"}}', 0.0) for g in "012"
+    ]
+    gc_fast = [
+        values.get(f'reinitd_gc_pause_seconds_bucket{{generation="{g}",le="0.005"}}', 0.0)
+        for g in "012"
+    ]
+    out["gc_pauses_over_5ms"] = sum(gc_counts) - sum(gc_fast)
+    out["gc_pause_total_ms"] = 1000 * sum(
+        values.get(f'reinitd_gc_pause_seconds_sum{{generation="{g}"}}', 0.0) for g in "012"
+    )
     for metric, key in (
         ("reinitd_notify_to_write_seconds", "server_notify_to_write_mean_ms"),
         ("reinitd_read_duration_seconds", "server_read_mean_ms"),
@@ -266,6 +278,15 @@ async def server_timings(url: str) -> dict[str, float]:
         count = values.get(f"{metric}_count", 0.0)
         out[key] = 1000 * values.get(f"{metric}_sum", 0.0) / count if count else float("nan")
     return out
+
+
+async def gc_settled(url: str, since: float) -> None:
+    """Until the server has settled its collector after the streams just opened (it does so
+    once their storm is over; 30 s at most): what follows then measures the steady state."""
+    async with asyncio.timeout(30):
+        # ASYNC110: the server's metrics are polled; there is no event to await here
+        while (await server_timings(url))["gc_settles"] <= since:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
 
 
 class Harness:

@@ -18,6 +18,7 @@ import asyncpg
 from bench.harness import (
     BENCH_SQL,
     Harness,
+    gc_settled,
     loadgens,
     loadgens_for,
     probe,
@@ -188,15 +189,20 @@ class Scenarios:
         agents = self.agents[:n]
         targets = agents[:: max(1, n // claims)][:claims]
         async with self.h.reinitd() as server, loadgens(1) as gens:
+            start = await server_timings(server.url)
             opened = await gens.open(server.url, agents)
             await gens.listen(self.h.db.owner_dsn)
+            await gc_settled(server.url, start["gc_settles"])
             pids = tree(server.process.pid)
             cpu = cpu_seconds(pids)
+            before = await server_timings(server.url)
             sent = await self.claim_paced(targets, rate)
             got = await gens.wait_events(len(targets), 10)
             cpu = cpu_seconds(pids) - cpu
             _, floor = await gens.events()
             inside = await server_timings(server.url)
+            for key in ("gc_pauses_over_5ms", "gc_pause_total_ms"):  # during the claims only
+                inside[key] -= before[key]
         await self.unclaim(targets)
         figures = latency_figures(sent, got, floor)
         return {
@@ -212,7 +218,9 @@ class Scenarios:
         (PostgreSQL's counted from COMMIT on: the doorbell reads, not the claims)."""
         agents = self.agents[:n]
         async with self.h.reinitd() as server, loadgens(1) as gens:
+            start = await server_timings(server.url)
             opened = await gens.open(server.url, agents)
+            await gc_settled(server.url, start["gc_settles"])
             pids = tree(server.process.pid)
             conn = await self.h.db.connect()
             try:
@@ -250,12 +258,12 @@ class Scenarios:
         ratios (reinitd over baseline)."""
         agents = self.agents[:n]
         async with self.h.baseline("plain") as plain:
-            base = await self._crowd(plain, agents, claimed=0)
+            base = await self._crowd(plain, agents, claimed=0, reinitd=False)
         claimed = agents[: int(n * claimed_share)]
         await self.h.db.sql("claim_many", [uuid.UUID(w) for _, w in claimed], self.owner)
         try:
             async with self.h.reinitd(workers=workers) as server:
-                ours = await self._crowd(server, agents, claimed=len(claimed))
+                ours = await self._crowd(server, agents, claimed=len(claimed), reinitd=True)
         finally:
             await self.unclaim(claimed)
         return {
@@ -272,7 +280,9 @@ class Scenarios:
             ),
         }
 
-    async def _crowd(self, server: ServerProcess, agents: Agents, claimed: int) -> dict[str, Any]:
+    async def _crowd(
+        self, server: ServerProcess, agents: Agents, claimed: int, *, reinitd: bool
+    ) -> dict[str, Any]:
         """Open every agent's stream at once against `server` and measure what it cost."""
 
         def server_kb() -> int:
@@ -283,9 +293,12 @@ class Scenarios:
 
         async with loadgens(loadgens_for(len(agents))) as gens:
             rss = await settled_kb(server_kb)
+            start = await server_timings(server.url) if reinitd else {}
             before, client = cpu(), cpu_seconds(gens.pids)
             opened = await gens.open(server.url, agents)
             after, client = cpu(), cpu_seconds(gens.pids) - client
+            if reinitd:  # at rest: once the server settled its heap after the storm
+                await gc_settled(server.url, start["gc_settles"])
             rss = await settled_kb(server_kb) - rss
             held = (await gens.stats())["open"]
             got = await gens.wait_events(claimed, 10) if claimed else {}

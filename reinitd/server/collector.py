@@ -6,14 +6,18 @@ Objects that survived a full collection are long-lived, so they are moved out of
 (`gc.freeze`): later collections only scan what is new. Frozen objects are still freed by
 reference counting, and a closed stream leaves no cycle (tests/unit/test_collector.py); to
 reclaim any cycle among frozen objects all the same, they are unfrozen and collected once
-every RESCAN seconds. Every pause is measured (`reinitd_gc_pause_seconds{generation}`).
+every RESCAN seconds. After a storm of new streams, the first full collection would scan them
+all at some random later moment; the collector pays that pause itself, as soon as the storm is
+over. Every pause is measured (`reinitd_gc_pause_seconds{generation}`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import structlog
@@ -24,12 +28,28 @@ log = structlog.get_logger("reinitd.server.collector")
 
 RESCAN: Final = 600.0
 CHECK: Final = 1.0
+# New streams since the last settle that make the next quiet second settle again.
+SETTLE_AFTER: Final = 1000
+
+
+def _malloc_trim() -> Callable[[], object]:
+    """glibc's malloc_trim(0), or nothing where there is no glibc."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+trim_heap = _malloc_trim()
 
 
 class Collector:
     """Installed once per server process; `run` is its supervised task."""
 
-    def __init__(self) -> None:
+    def __init__(self, streams: Callable[[], int] = lambda: 0) -> None:
+        """`streams`: how many streams were ever opened here (grows with every new one)."""
+        self._streams = streams
         self._started = 0.0
         self.full_collections = 0
 
@@ -50,11 +70,14 @@ class Collector:
             gc.callbacks.remove(self._on_gc)
 
     def settle(self) -> None:
-        """Collect everything, then freeze what survived: the pause is paid now, once."""
+        """Collect everything, then freeze what survived: the pause is paid now, once. The
+        heap the storm's requests used and freed goes back to the kernel."""
         gc.unfreeze()
         started = time.perf_counter()
         collected = gc.collect()
         gc.freeze()
+        trim_heap()
+        metrics.GC_SETTLES.inc()
         log.debug(
             "gc_settled",
             collected=collected,
@@ -65,11 +88,14 @@ class Collector:
     async def run(self) -> None:
         seen = self.full_collections
         rescan_at = time.monotonic() + RESCAN
+        settled_at = previous = self._streams()
         while True:
             await asyncio.sleep(CHECK)
-            if time.monotonic() >= rescan_at:
+            streams = self._streams()
+            storm_over = streams - settled_at >= SETTLE_AFTER and streams == previous
+            if storm_over or time.monotonic() >= rescan_at:
                 self.settle()
-                rescan_at = time.monotonic() + RESCAN
+                rescan_at, settled_at = time.monotonic() + RESCAN, streams
             elif self.full_collections != seen:
                 gc.freeze()  # the survivors of the full collection that just ran
-            seen = self.full_collections
+            seen, previous = self.full_collections, streams

@@ -30,6 +30,12 @@ log = structlog.get_logger("reinitd.server.connection")
 # before the budget is checked (asyncio accepts up to ACCEPT_BATCH per loop iteration).
 RESERVED_FILES: Final = 128
 ACCEPT_BATCH: Final = 256
+# Requests being served at once; the next connections' first bytes wait (unread, in the
+# kernel) until one finishes. Each costs ~16 KB of aiohttp objects while it waits for one of
+# the pool's connections: a storm of 10 000 connects, all in flight, left the process that
+# much larger for good (the allocator keeps what survivors pin). Probes never wait.
+MAX_IN_FLIGHT: Final = 64
+PROBES: Final = (b"GET /healthz", b"GET /readyz", b"GET /metrics")
 
 _SHED = {reason: metrics.CONNECTIONS_CLOSED.labels(reason) for reason in metrics.CLOSE_REASONS}
 
@@ -77,11 +83,12 @@ class GuardedHandler(RequestHandler):
     parser errors answered as JSON, counted, and logged without the request's bytes."""
 
     # aiohttp's RequestHandler declares __slots__; so does its subclass.
-    __slots__ = ("first_byte_due", "spoke")
+    __slots__ = ("first_byte_due", "in_flight", "spoke")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.spoke = False
+        self.in_flight = False
         self.first_byte_due: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
@@ -90,7 +97,21 @@ class GuardedHandler(RequestHandler):
             if self.first_byte_due is not None:
                 self.first_byte_due.cancel()
                 self.first_byte_due = None
+            if (server := self.server) is not None and not server.admit(self, data):
+                return  # its first bytes wait for a request in flight to finish
         super().data_received(data)
+
+    def feed(self, data: bytes) -> None:
+        """The first bytes, once admitted."""
+        super().data_received(data)
+
+    def log_access(
+        self, request: web.BaseRequest, response: web.StreamResponse, time: float | None
+    ) -> None:
+        """aiohttp's call at the end of every request: the place to let the next one in."""
+        super().log_access(request, response, time)
+        if self.in_flight and (server := self.server) is not None:
+            server.finished(self)
 
     @property
     def server(self) -> GuardedServer | None:
@@ -158,6 +179,9 @@ class GuardedServer(web.Server):
     refusals: Refusals
     http_errors: LogThrottle
     streams: int
+    streams_taken: int
+    in_flight: int
+    _waiting: collections.OrderedDict[GuardedHandler, bytes]
     _idle: collections.OrderedDict[RequestHandler, None]
 
     @classmethod
@@ -173,6 +197,9 @@ class GuardedServer(web.Server):
         server.refusals = refusals
         server.http_errors = LogThrottle()
         server.streams = 0
+        server.streams_taken = 0
+        server.in_flight = 0
+        server._waiting = collections.OrderedDict()
         # Connections not in a request right now, oldest first: the ones to close at the budget.
         server._idle = collections.OrderedDict()
         app_handler = server.request_handler
@@ -207,14 +234,50 @@ class GuardedServer(web.Server):
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         self._idle.pop(handler, None)
+        if isinstance(handler, GuardedHandler):
+            self._waiting.pop(handler, None)
+            if handler.in_flight:
+                self.finished(handler)
         super().connection_lost(handler, exc)
         metrics.CONNECTIONS.set(len(self))
+
+    @property
+    def waiting(self) -> int:
+        """Connections whose first bytes wait for a request in flight to finish."""
+        return len(self._waiting)
+
+    def admit(self, handler: GuardedHandler, data: bytes) -> bool:
+        """Whether a connection's first bytes are served now; if not, its reading pauses and
+        the bytes wait for `finished` to let it in, in arrival order."""
+        if data.startswith(PROBES):
+            return True
+        if self.in_flight < MAX_IN_FLIGHT:
+            handler.in_flight = True
+            self.in_flight += 1
+            return True
+        if handler.transport is not None:
+            handler.transport.pause_reading()
+        self._waiting[handler] = data
+        return False
+
+    def finished(self, handler: GuardedHandler) -> None:
+        handler.in_flight = False
+        self.in_flight -= 1
+        while self._waiting and self.in_flight < MAX_IN_FLIGHT:
+            waiting, data = self._waiting.popitem(last=False)
+            if waiting.transport is None or waiting.transport.is_closing():
+                continue
+            waiting.in_flight = True
+            self.in_flight += 1
+            waiting.transport.resume_reading()
+            waiting.feed(data)
 
     def stream_taken(self, handler: RequestHandler) -> None:
         """A stream took this connection over: no longer aiohttp's, still one of ours."""
         self._connections.pop(handler, None)
         self._idle.pop(handler, None)
         self.streams += 1
+        self.streams_taken += 1
 
     def stream_closed(self) -> None:
         self.streams -= 1
@@ -267,6 +330,12 @@ class Runner(web.AppRunner):
         self.budget = budget
         self.first_byte_timeout = first_byte_timeout
         self.refusals = refusals
+
+    @property
+    def streams_taken(self) -> int:
+        """Streams ever opened through this runner's server."""
+        server = self.server
+        return server.streams_taken if isinstance(server, GuardedServer) else 0
 
     async def _make_server(self) -> web.Server:
         return GuardedServer.adopt(

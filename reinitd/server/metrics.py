@@ -137,3 +137,7 @@ GC_PAUSE = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
 GC_PAUSE_SECONDS = {generation: GC_PAUSE.labels(str(generation)) for generation in (0, 1, 2)}
+GC_SETTLES = Counter(
+    "reinitd_gc_settles_total",
+    "Full collections run by reinitd itself (after a storm of new streams, and every 10 min)",
+)

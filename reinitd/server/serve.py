@@ -101,11 +101,11 @@ async def run_server(settings: Settings, sock: socket.socket, stop: Stop) -> Non
     """Serve on `sock` until asked to stop, then stop accepting, end open streams and exit."""
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(AcceptErrors())
-    collector = Collector()
-    collector.install()
     app = create_app(settings)
     runner = make_runner(app, access_log_class=AccessLogger)
     await runner.setup()
+    collector = Collector(lambda: runner.streams_taken)
+    collector.install()
     try:
         # asyncio accepts up to `backlog` connections per loop iteration: a short burst keeps
         # the connection budget exact; the kernel's queue stays deep.

@@ -10,12 +10,15 @@ import json
 import random
 import socket
 import struct
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from reinitd.server import connection
+from reinitd.server.keys import ADMISSION, HUB
 from tests.support import (
     REINIT,
     ServerFactory,
@@ -24,6 +27,7 @@ from tests.support import (
     open_stream,
     sample,
     server_process,
+    until,
 )
 
 
@@ -221,3 +225,34 @@ async def test_a_storm_of_hang_ups_is_no_server_error(served: ServerProcess, sql
     }
     assert set(errors.values()) == {0.0}, errors
     assert all(event.get("level") != "error" for event in served.log_events())
+
+
+async def test_requests_in_flight_are_bounded_and_probes_never_wait(
+    make_server: ServerFactory, sql: Sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With MAX_IN_FLIGHT requests held in the durable check, the next connect's bytes wait
+    unread (nothing allocated for them) until one finishes; /healthz is served meanwhile, and
+    every waiting agent gets its stream once the first ones go through."""
+    monkeypatch.setattr(connection, "MAX_IN_FLIGHT", 2)
+    client = await make_server()
+    agents = [await sql.prebuild(f"in-flight-{i}") for i in range(4)]
+    gate, inside = asyncio.Event(), asyncio.Queue[uuid.UUID]()
+
+    async def hold(workspace_id: uuid.UUID) -> None:
+        inside.put_nowait(workspace_id)
+        await gate.wait()
+
+    client.app[ADMISSION].after_read = hold
+    opening = [asyncio.ensure_future(open_stream(client, a.token)) for a in agents]
+    for _ in range(2):
+        await asyncio.wait_for(inside.get(), 5)
+    server = client.server.runner.server if client.server.runner else None
+    assert isinstance(server, connection.GuardedServer)
+    await until(lambda: server.waiting == 2, what="the third and fourth connects wait unread")
+    assert (await client.get("/healthz")).status == 200
+    assert inside.empty()
+    assert client.app[ADMISSION].in_use == 2
+    gate.set()
+    streams = await asyncio.wait_for(asyncio.gather(*opening), 10)
+    assert len(streams) == 4
+    assert len(client.app[HUB]) == 4
