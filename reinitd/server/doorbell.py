@@ -78,8 +78,16 @@ class Doorbell:
     The hub's `settle` applies each verdict.
     """
 
-    def __init__(self, read: Read, hub: Hub, *, resync_interval: float = 30.0) -> None:
+    def __init__(
+        self,
+        read: Read,
+        hub: Hub,
+        *,
+        resync_interval: float = 30.0,
+        retry_floor: float = 0.2,
+    ) -> None:
         self._read_verdicts = read
+        self.retry_floor = retry_floor
         self._hub = hub
         self.resync_interval = resync_interval
         # Rung workspaces and when the first NOTIFY for each arrived (for the latency metric).
@@ -188,7 +196,7 @@ class Doorbell:
             except Exception as exc:  # an outage, or a bug: the work is kept, retried
                 failures += 1
                 metrics.READS.labels("failed").inc()
-                delay = backoff_delay(failures, 0.2, 5.0)
+                delay = backoff_delay(failures, self.retry_floor, 5.0)
                 if not isinstance(exc, CONNECTION_ERRORS):
                     log.exception("read_error")
                 log.warning(

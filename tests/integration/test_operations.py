@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from pathlib import Path
 
 import aiohttp
@@ -12,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import REINIT, Sql, Stream, open_stream, server_process
+from tests.support import REINIT, Sql, Stream, open_stream, reinitd_process, server_process
 
 Client = TestClient[web.Request, web.Application]
 
@@ -123,3 +124,15 @@ async def test_request_id_is_echoed(client: Client, sql: Sql) -> None:
     assert echoed.headers["X-Request-ID"] == "abc-1"
     replaced = await client.get("/healthz", headers={"X-Request-ID": "a b\tc" * 50})
     assert replaced.headers["X-Request-ID"] != "a b\tc" * 50
+
+
+async def test_migrate_without_a_database_url_is_a_usage_error() -> None:
+    """`reinitd migrate` with no URL anywhere: exit 2, one line saying what is missing."""
+    clean = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    process = await reinitd_process(
+        "migrate", env=clean, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 2, stderr
+    assert b"--database-url (or DATABASE_URL) is required" in stderr
+    assert stdout == b""

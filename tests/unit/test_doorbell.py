@@ -58,7 +58,7 @@ class FakeDatabase:
 @pytest.fixture
 async def world() -> AsyncIterator[tuple[FakeDatabase, Hub, Doorbell]]:
     database, hub = FakeDatabase(), Hub()
-    doorbell = Doorbell(database.read, hub, resync_interval=3600)
+    doorbell = Doorbell(database.read, hub, resync_interval=3600, retry_floor=0.01)
     task = asyncio.create_task(doorbell.run())
     try:
         yield database, hub, doorbell
