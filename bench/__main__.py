@@ -31,7 +31,7 @@ SECTIONS = ("capacity", "latency", "burst", "storm", "forged", "flood", "naive",
 Run = Callable[[], Awaitable[dict[str, Any]]]
 
 
-async def prepare(cluster: Cluster, log_dir: Path, prebuilds: int) -> Scenarios:
+async def prepare(cluster: Cluster, log_dir: Path, prebuilds: int, event_loop: str) -> Scenarios:
     """The schema, the server's login role and `prebuilds` prebuilt workspaces."""
     owner_dsn = await cluster.ensure_database()
     await migrate(owner_dsn)
@@ -45,7 +45,7 @@ async def prepare(cluster: Cluster, log_dir: Path, prebuilds: int) -> Scenarios:
     finally:
         await conn.close()
     agents = [(r["agent_token"], str(r["workspace_id"])) for r in rows]
-    return Scenarios(Harness(database, log_dir), agents, owner)
+    return Scenarios(Harness(database, log_dir, event_loop), agents, owner)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -58,7 +58,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         prebuilds = max(
             args.waiters * args.max_workers, args.storm, args.latency_waiters, args.flood_streams
         )
-        bench = await prepare(cluster, root, prebuilds)
+        bench = await prepare(cluster, root, prebuilds, args.event_loop)
         out: dict[str, Any] = {
             "machine": {
                 "cpus": os.cpu_count(),
@@ -156,6 +156,12 @@ def main() -> None:
     add("--naive-limit", type=int, default=1100, help="naive: stop after this many waiters")
     add("--max-connections", type=int, default=1000, help="PostgreSQL's max_connections")
     add("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
+    add(
+        "--event-loop",
+        default="auto",
+        choices=("auto", "uvloop", "asyncio"),
+        help="the reinitd servers' event loop (serve --event-loop)",
+    )
     add(
         "--profile",
         action="store_true",

@@ -293,9 +293,10 @@ class Harness:
     """Starts what a scenario needs; `profiling` names the scenario when --profile records
     each reinitd server with py-spy."""
 
-    def __init__(self, database: Database, log_dir: Path) -> None:
+    def __init__(self, database: Database, log_dir: Path, event_loop: str = "auto") -> None:
         self.db = database
         self.log_dir = log_dir
+        self.event_loop = event_loop
         self.profiling: str | None = None
 
     @contextlib.asynccontextmanager
@@ -309,6 +310,8 @@ class Harness:
             self.log_dir,
             "--log-level",
             log_level,
+            "--event-loop",
+            self.event_loop,
             *args,
             workers=workers,
             timeout=60,
