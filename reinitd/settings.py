@@ -254,6 +254,15 @@ SERVE: tuple[Option, ...] = (
         choices=("auto", "uvloop", "asyncio"),
     ),
     Option(
+        "connect_timeout",
+        "REINITD_CONNECT_TIMEOUT",
+        10.0,
+        "seconds a connection to PostgreSQL may take (a server that accepts TCP but never "
+        "answers must not hold a start or a reconnect)",
+        positive_number,
+        metavar="SECONDS",
+    ),
+    Option(
         "shutdown_timeout",
         "REINITD_SHUTDOWN_TIMEOUT",
         5.0,
@@ -368,6 +377,7 @@ class Settings:
     max_connections: int | None
     workers: int
     event_loop: str
+    connect_timeout: float
     shutdown_timeout: float
     log_level: str
     log_format: str

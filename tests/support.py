@@ -307,7 +307,13 @@ async def get_reinit(
     )
 
 
-ServerFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+Client = TestClient[web.Request, web.Application]
+ServerFactory = Callable[..., Awaitable[Client]]
+
+
+def claimed(workspace_id: uuid.UUID, owner: uuid.UUID) -> dict[str, str]:
+    """The event data a claim of `workspace_id` for `owner` is delivered as."""
+    return {"workspace_id": str(workspace_id), "reason": "prebuild_claimed", "owner_id": str(owner)}
 
 
 async def open_stream(

@@ -15,7 +15,7 @@ from reinitd.server import handler
 from reinitd.server.admission import Admission
 from reinitd.server.claim import read_verdicts
 from reinitd.server.connection import Runner, fit
-from reinitd.server.database import CONNECT_TIMEOUT, statement_cache_size
+from reinitd.server.database import statement_cache_size
 from reinitd.server.doorbell import CHANNEL, Doorbell
 from reinitd.server.hub import Hub
 from reinitd.server.keys import (
@@ -53,7 +53,7 @@ async def _pool(app: web.Application) -> AsyncIterator[None]:
         max_size=settings.pool_max_size,
         server_settings={"application_name": "reinitd"},
         reset=_no_reset,
-        timeout=CONNECT_TIMEOUT,
+        timeout=settings.connect_timeout,
         statement_cache_size=statement_cache_size(settings.database_pooler),
     )
     yield
@@ -94,6 +94,7 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
         notifier.notify,
         probe_interval=settings.probe_interval,
         probe_timeout=settings.probe_timeout,
+        connect_timeout=settings.connect_timeout,
     )
     readiness = Readiness(listener)
     app[ADMISSION] = Admission(

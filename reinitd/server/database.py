@@ -49,13 +49,13 @@ def where(dsn: str) -> str:
         return "the configured database"
 
 
-def describe(exc: BaseException, dsn: str | None = None) -> str:
+def describe(exc: BaseException, dsn: str | None = None, timeout: float = CONNECT_TIMEOUT) -> str:
     """One line for an operator: what failed, and where."""
     at = f" at {where(dsn)}" if dsn else ""
     if isinstance(exc, ReinitdError):
         return str(exc)
     if isinstance(exc, TimeoutError):
-        return f"PostgreSQL{at} did not answer within {CONNECT_TIMEOUT:g} s"
+        return f"PostgreSQL{at} did not answer within {timeout:g} s"
     if isinstance(exc, OSError):
         return f"cannot reach PostgreSQL{at}: {exc.strerror or exc}"
     if isinstance(
@@ -73,14 +73,13 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
     with the one a previous process left on a pooled server connection
     (DuplicatePreparedStatementError on every restart)."""
     kwargs.setdefault("statement_cache_size", 0)
+    timeout = kwargs.pop("timeout", CONNECT_TIMEOUT)
     try:
-        conn: asyncpg.Connection = await asyncpg.connect(
-            dsn, timeout=kwargs.pop("timeout", CONNECT_TIMEOUT), **kwargs
-        )
+        conn: asyncpg.Connection = await asyncpg.connect(dsn, timeout=timeout, **kwargs)
     except ValueError as exc:  # asyncpg's word for a URL it cannot parse
         raise DatabaseUnavailableError(f"invalid database URL {where(dsn)}: {exc}") from None
     except CONNECTION_ERRORS as exc:
-        raise DatabaseUnavailableError(describe(exc, dsn)) from None
+        raise DatabaseUnavailableError(describe(exc, dsn, timeout)) from None
     return conn
 
 

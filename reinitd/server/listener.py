@@ -92,6 +92,7 @@ class Listener:
         *,
         probe_interval: float = 2.0,
         probe_timeout: float = 2.0,
+        connect_timeout: float = CONNECT_TIMEOUT,
         backoff_floor: float = 0.1,
         backoff_ceiling: float = 5.0,
     ) -> None:
@@ -101,6 +102,7 @@ class Listener:
         self._send_echo = send_echo
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
+        self.connect_timeout = connect_timeout
         self.backoff_floor = backoff_floor
         self.backoff_ceiling = backoff_ceiling
         self._echoes: dict[str, asyncio.Future[None]] = {}
@@ -182,7 +184,7 @@ class Listener:
             try:
                 conn: asyncpg.Connection = await asyncpg.connect(
                     self._dsn,
-                    timeout=CONNECT_TIMEOUT,
+                    timeout=self.connect_timeout,
                     server_settings={"application_name": "reinitd-listener"},
                     connection_class=ListenConnection,
                     # Its only query is the idle probe: nothing to gain from named statements,

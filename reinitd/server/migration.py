@@ -17,14 +17,14 @@ async def _applied(conn: asyncpg.Connection) -> set[str]:
     return {row["name"] for row in await conn.fetch(QUERIES["applied_migrations"])}
 
 
-async def migrate(dsn: str) -> list[str]:
+async def migrate(dsn: str, *, connect_timeout: float = database.CONNECT_TIMEOUT) -> list[str]:
     """Apply missing migrations in one transaction; returns the names applied.
 
     With nothing missing it only reads, so a server running under the least-privileged
     `reinitd_server` role can start. Otherwise an advisory lock taken first serialises
     replicas that start at once: the second waits, then finds everything recorded.
     """
-    conn = await database.connect(dsn)
+    conn = await database.connect(dsn, timeout=connect_timeout)
     applied: list[str] = []
     try:
         done = await _applied(conn)

@@ -157,7 +157,8 @@ def _serve(settings: Settings, stop: Stop) -> int:
         sock.close()  # only a check: each worker binds its own socket (SO_REUSEPORT)
     with embedded_database(settings) as ready:
         if ready.migrate_database_url is None and stop.signal is None:
-            asyncio.run(migrate(ready.database_url))  # the embedded cluster's is done
+            # the embedded cluster's is done
+            asyncio.run(migrate(ready.database_url, connect_timeout=ready.connect_timeout))
         if stop.signal is not None:
             return 0
         if single:

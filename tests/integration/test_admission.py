@@ -9,13 +9,16 @@ import socket
 import struct
 import uuid
 
-from aiohttp import web
-from aiohttp.test_utils import TestClient
-
 from reinitd.server.keys import ADMISSION, HUB
-from tests.support import REINIT, ServerFactory, Sql, open_stream, sample, until
-
-Client = TestClient[web.Request, web.Application]
+from tests.support import (
+    REINIT,
+    Client,
+    ServerFactory,
+    Sql,
+    open_stream,
+    sample,
+    until,
+)
 
 
 def request_bytes(token: str, *, wait: bool = True) -> bytes:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shlex
 import uuid
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from reinitd.agent import EXIT_COMMAND_FAILED, EXIT_NOT_WAITING
 from reinitd.agent.client import wait_for_reinit
@@ -18,9 +17,15 @@ from reinitd.agent.runner import Agent, AgentConfig, StateFile
 from reinitd.errors import ReinitError
 from reinitd.server.keys import HUB
 from reinitd.wire import ReinitEvent
-from tests.support import ServerFactory, Sql, reinitd_process, server_process, settle, until
-
-Client = TestClient[web.Request, web.Application]
+from tests.support import (
+    Client,
+    ServerFactory,
+    Sql,
+    reinitd_process,
+    server_process,
+    settle,
+    until,
+)
 
 
 def base_url(client: Client) -> str:
@@ -74,6 +79,13 @@ async def test_wait_for_reinit_raises_typed_error(client: Client, sql: Sql) -> N
     assert not bad.value.terminal
 
 
+async def stopped(task: asyncio.Task[int]) -> None:
+    """Cancel an agent's task and wait until it has ended."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def test_claim_runs_command_once_and_not_after_restart(
     client: Client, sql: Sql, tmp_path: Path
 ) -> None:
@@ -90,14 +102,14 @@ async def test_claim_runs_command_once_and_not_after_restart(
     await sql.notify(str(agent.workspace_id))  # a DBA's re-announcement: the same claim
     await settle(client)
     assert first.runs == 1
-    task.cancel()
+    await stopped(task)
 
     second = make_agent(base_url(client), agent.token, tmp_path, recorder(out))
     task = asyncio.create_task(second.run())
     await until(lambda: second.skipped == 1, what="restarted agent saw the claim again")
     assert second.runs == 0
     assert len(lines(out)) == 1
-    task.cancel()
+    await stopped(task)
 
 
 @pytest.mark.parametrize("case", ["regular", "failed claim"])
@@ -150,7 +162,7 @@ async def test_agent_survives_server_restart_and_acts_once(
         await until(lambda: len(lines(out)) == 1, timeout=15, what="agent acted after restart")
     assert lines(out) == [f"{agent.workspace_id} {owner} prebuild_claimed"]
     assert runner.runs == 1
-    task.cancel()
+    await stopped(task)
 
 
 # --- tolerance of what servers send in the wild ---------------------------------------------

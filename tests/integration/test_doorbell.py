@@ -11,12 +11,11 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from reinitd.server.embedded import Cluster
 from tests.support import (
     REINIT,
+    Client,
     Sql,
     assert_no_more_events,
     login_role,
@@ -24,8 +23,6 @@ from tests.support import (
     sample,
     settle,
 )
-
-Client = TestClient[web.Request, web.Application]
 
 
 @pytest.fixture

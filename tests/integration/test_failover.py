@@ -7,7 +7,6 @@ import asyncio
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,14 @@ import structlog
 from reinitd.server.embedded import SUPERUSER, Cluster, free_port
 from reinitd.server.keys import LISTENER
 from reinitd.server.migration import migrate
-from tests.support import ServerFactory, Sql, assert_no_more_events, open_stream, until
+from tests.support import (
+    ServerFactory,
+    Sql,
+    assert_no_more_events,
+    claimed,
+    open_stream,
+    until,
+)
 
 # The embedded cluster's pg_hba.conf has no line for replication connections.
 REPLICATION_HBA = "host replication all 127.0.0.1/32 scram-sha-256\n"
@@ -112,10 +118,6 @@ async def _replayed(pair: Pair, primary: asyncpg.Connection) -> None:
                 await asyncio.sleep(0.02)
     finally:
         await standby.close()
-
-
-def claimed(workspace_id: uuid.UUID, owner: uuid.UUID) -> dict[str, str]:
-    return {"workspace_id": str(workspace_id), "reason": "prebuild_claimed", "owner_id": str(owner)}
 
 
 async def test_waiting_agents_get_claims_across_a_standby_promotion(

@@ -11,14 +11,20 @@ import uuid
 import asyncpg
 import pytest
 import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from reinitd.server.embedded import Cluster
 from reinitd.server.handler import OPENAPI
-from tests.support import REINIT, Agent, ServerFactory, Sql, Stream, login_role, open_stream, sample
-
-Client = TestClient[web.Request, web.Application]
+from tests.support import (
+    REINIT,
+    Agent,
+    Client,
+    ServerFactory,
+    Sql,
+    Stream,
+    login_role,
+    open_stream,
+    sample,
+)
 
 
 async def test_streams_per_agent_are_limited(make_server: ServerFactory, sql: Sql) -> None:

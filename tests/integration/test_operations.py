@@ -9,13 +9,18 @@ from pathlib import Path
 
 import aiohttp
 import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import REINIT, Sql, Stream, open_stream, reinitd_process, server_process
-
-Client = TestClient[web.Request, web.Application]
+from reinitd.server.embedded import free_port
+from tests.support import (
+    REINIT,
+    Client,
+    Sql,
+    Stream,
+    open_stream,
+    reinitd_process,
+    server_process,
+)
 
 
 def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -136,3 +141,34 @@ async def test_migrate_without_a_database_url_is_a_usage_error() -> None:
     assert process.returncode == 2, stderr
     assert b"--database-url (or DATABASE_URL) is required" in stderr
     assert stdout == b""
+
+
+async def test_a_database_that_never_answers_is_named_within_the_connect_timeout() -> None:
+    """A database address that accepts TCP but never answers stops `serve` within the connect
+    timeout, with one line naming the server (no password, no traceback)."""
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        url = f"postgresql://reinitd:secret@127.0.0.1:{port}/reinitd"
+        process = await reinitd_process(
+            "serve",
+            "--port",
+            str(free_port()),
+            "--connect-timeout",
+            "0.5",
+            env=dict(os.environ) | {"DATABASE_URL": url},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(process.communicate(), 20)
+    finally:
+        server.close()
+    assert process.returncode == 1
+    assert stderr.decode().strip().splitlines() == [
+        f"reinitd serve: PostgreSQL at reinitd@127.0.0.1:{port}/reinitd did not answer within 0.5 s"
+    ]

@@ -9,7 +9,6 @@ import pwd
 import shutil
 import tempfile
 import urllib.parse
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,8 +19,6 @@ import aiohttp
 import asyncpg
 import pytest
 import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from reinitd.errors import SettingError
 from reinitd.server.database import STATEMENT_CACHE_SIZE, statement_cache_size
@@ -33,14 +30,13 @@ from tests.support import (
     ServerProcess,
     Sql,
     Stream,
+    claimed,
     get_reinit,
     login_role,
     open_stream,
     server_process,
     until,
 )
-
-Client = TestClient[web.Request, web.Application]
 
 PGBOUNCER = shutil.which("pgbouncer", path=f"{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin")
 # default_pool_size below reinitd's own pool (10): clients really share server connections.
@@ -123,10 +119,6 @@ async def bouncer(postgres: Cluster, conn: asyncpg.Connection) -> AsyncIterator[
         process.terminate()
         await process.wait()
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def claimed(workspace_id: uuid.UUID, owner: uuid.UUID) -> dict[str, str]:
-    return {"workspace_id": str(workspace_id), "reason": "prebuild_claimed", "owner_id": str(owner)}
 
 
 def troubles(server: ServerProcess) -> list[dict[str, Any]]:

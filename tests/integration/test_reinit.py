@@ -8,33 +8,22 @@ import uuid
 
 import asyncpg
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from reinitd.server import metrics
 from reinitd.server.embedded import Cluster
 from reinitd.server.keys import ADMISSION
 from tests.support import (
     REINIT,
-    Agent,
+    Client,
     ServerFactory,
     Sql,
     Stream,
     assert_no_more_events,
+    claimed,
     open_stream,
     sample,
     settle,
 )
-
-Client = TestClient[web.Request, web.Application]
-
-
-def claimed(agent: Agent, owner: uuid.UUID) -> dict[str, str]:
-    return {
-        "workspace_id": str(agent.workspace_id),
-        "reason": "prebuild_claimed",
-        "owner_id": str(owner),
-    }
 
 
 async def test_unclaimed_prebuild_receives_claim_via_notify(client: Client, sql: Sql) -> None:
@@ -45,7 +34,7 @@ async def test_unclaimed_prebuild_receives_claim_via_notify(client: Client, sql:
     await sql.claim(agent.workspace_id, owner)
     frame = await stream.event()
     assert frame.event == "data"
-    assert frame.data == claimed(agent, owner)
+    assert frame.data == claimed(agent.workspace_id, owner)
 
 
 async def test_claimed_prebuild_gets_one_shot_event_on_reconnect(client: Client, sql: Sql) -> None:
@@ -54,7 +43,7 @@ async def test_claimed_prebuild_gets_one_shot_event_on_reconnect(client: Client,
     owner = await sql.user()
     await sql.claim(agent.workspace_id, owner)
     stream = await open_stream(client, agent.token)
-    assert (await stream.event()).data == claimed(agent, owner)
+    assert (await stream.event()).data == claimed(agent.workspace_id, owner)
     await assert_no_more_events(client, stream, agent.workspace_id)
 
 
@@ -104,7 +93,7 @@ async def test_running_claim_waits_then_delivers(client: Client, sql: Sql) -> No
     build = await sql.claim(agent.workspace_id, owner, complete=False)
     stream = await open_stream(client, agent.token)
     await sql.complete(build)
-    assert (await stream.event()).data == claimed(agent, owner)
+    assert (await stream.event()).data == claimed(agent.workspace_id, owner)
 
 
 async def test_running_claim_that_fails_ends_stream_with_error_frame(
@@ -166,7 +155,7 @@ async def test_claim_between_read_and_registration_delivered_once(client: Client
     before = sample("reinitd_doorbells_total", outcome="no_waiters")
     stream = await open_stream(client, agent.token)
     assert sample("reinitd_doorbells_total", outcome="no_waiters") == before + 1
-    assert (await stream.event()).data == claimed(agent, owner)
+    assert (await stream.event()).data == claimed(agent.workspace_id, owner)
     await assert_no_more_events(client, stream, agent.workspace_id)
 
 
@@ -183,17 +172,7 @@ async def test_claim_committed_after_the_read_and_heard_after_registration(
 
     client.app[ADMISSION].after_read = commit_claim
     stream = await open_stream(client, agent.token)
-    assert (await stream.event()).data == claimed(agent, owner)
-    await assert_no_more_events(client, stream, agent.workspace_id)
-
-
-async def test_claim_just_before_request_delivered_once(client: Client, sql: Sql) -> None:
-    """A claim committed just before the request is found by the read: one event."""
-    agent = await sql.prebuild()
-    owner = await sql.user()
-    await sql.claim(agent.workspace_id, owner)
-    stream = await open_stream(client, agent.token)
-    assert (await stream.event()).data == claimed(agent, owner)
+    assert (await stream.event()).data == claimed(agent.workspace_id, owner)
     await assert_no_more_events(client, stream, agent.workspace_id)
 
 
@@ -203,7 +182,7 @@ async def test_claim_just_after_read_delivered_once(client: Client, sql: Sql) ->
     owner = await sql.user()
     stream = await open_stream(client, agent.token)  # headers arrive after the read
     await sql.claim(agent.workspace_id, owner)
-    assert (await stream.event()).data == claimed(agent, owner)
+    assert (await stream.event()).data == claimed(agent.workspace_id, owner)
     await assert_no_more_events(client, stream, agent.workspace_id)
 
 
@@ -238,14 +217,14 @@ async def test_token_in_query_parameter_and_cookie(client: Client, sql: Sql) -> 
     await sql.claim(agent.workspace_id, owner)
     by_query = await client.get(REINIT, params={"wait": "true", "coder_session_token": agent.token})
     assert by_query.status == 200
-    assert (await Stream(by_query).event()).data == claimed(agent, owner)
+    assert (await Stream(by_query).event()).data == claimed(agent.workspace_id, owner)
     by_cookie = await client.get(
         REINIT,
         params={"wait": "true"},
         headers={"Cookie": f"coder_session_token={agent.token.upper()}"},
     )
     assert by_cookie.status == 200
-    assert (await Stream(by_cookie).event()).data == claimed(agent, owner)
+    assert (await Stream(by_cookie).event()).data == claimed(agent.workspace_id, owner)
 
 
 # --- wait parsing, JSON long-poll ---------------------------------------------------------
@@ -361,7 +340,7 @@ async def test_agents_only_hear_their_own_workspace(client: Client, sql: Sql) ->
     stream_b = await open_stream(client, b.token)
     owner = await sql.user()
     await sql.claim(a.workspace_id, owner)
-    assert (await stream_a.event()).data == claimed(a, owner)
+    assert (await stream_a.event()).data == claimed(a.workspace_id, owner)
     await assert_no_more_events(client, stream_b, b.workspace_id)
 
 
@@ -395,7 +374,7 @@ async def test_malformed_payload_is_counted_and_ignored(
     await sql.notify(payload)
     owner = await sql.user()
     await sql.claim(agent.workspace_id, owner)
-    assert (await stream.event()).data == claimed(agent, owner)
+    assert (await stream.event()).data == claimed(agent.workspace_id, owner)
     after = sum(
         s.value
         for m in metrics.PAYLOADS_INVALID.collect()
@@ -417,7 +396,7 @@ async def test_dba_notify_from_psql_reannounces_a_real_claim(
     await asyncio.to_thread(
         postgres.psql, f"NOTIFY prebuild_claimed, '{agent.workspace_id}';", "reinitd"
     )
-    assert (await stream.event()).data == claimed(agent, owner)
+    assert (await stream.event()).data == claimed(agent.workspace_id, owner)
     await assert_no_more_events(client, stream, agent.workspace_id)
 
 

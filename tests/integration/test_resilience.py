@@ -8,7 +8,6 @@ import contextlib
 import signal
 import socket
 import struct
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,27 +16,25 @@ import aiohttp
 import asyncpg
 import pytest
 import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from reinitd.server.embedded import Cluster
-from reinitd.server.keys import HUB, LISTENER
+from reinitd.server.keys import HUB, LISTENER, POOL, READINESS
 from reinitd.server.listener import Listener, Notifier
 from reinitd.server.router import Router
 from tests.proxy import TcpProxy
 from tests.support import (
     REINIT,
+    Client,
     ServerFactory,
     Sql,
     Stream,
+    claimed,
     get_reinit,
     open_stream,
     sample,
     server_process,
     until,
 )
-
-Client = TestClient[web.Request, web.Application]
 
 
 @pytest.fixture
@@ -55,10 +52,6 @@ async def proxied_server(
 ) -> Client:
     """Queries go straight to PostgreSQL; the LISTEN connection goes through the proxy."""
     return await make_server(listen_database_url=proxy.url, **overrides)
-
-
-def claimed(workspace_id: uuid.UUID, owner: uuid.UUID) -> dict[str, str]:
-    return {"workspace_id": str(workspace_id), "reason": "prebuild_claimed", "owner_id": str(owner)}
 
 
 async def test_claim_while_listener_backend_killed_is_delivered(
@@ -226,10 +219,14 @@ async def test_readyz_is_503_while_listener_is_down(
     """/readyz reports the listener outage and recovers with it; /healthz stays 200."""
     client = await proxied_server(make_server, proxy)
     await readyz_status(client, 200)
-    proxy.refuse = True
-    proxy.drop_all()
-    await until(lambda: not client.app[LISTENER].connected)
-    assert "listener" in (await readyz_status(client, 503))["detail"]
+    with structlog.testing.capture_logs() as logs:
+        proxy.refuse = True
+        proxy.drop_all()
+        await until(lambda: not client.app[LISTENER].connected)
+        assert "listener" in (await readyz_status(client, 503))["detail"]
+        await until(lambda: any(e["event"] == "listener_connect_failed" for e in logs))
+    failed = [e for e in logs if e["event"] == "listener_connect_failed"]
+    assert failed[0]["attempt"] == 1  # counted from the first failed reconnect
     assert (await client.get("/healthz")).status == 200
     proxy.refuse = False
     await asyncio.wait_for(client.app[LISTENER].wait_connected(), 10)
@@ -410,3 +407,17 @@ async def test_while_the_database_is_away_requests_get_503_and_streams_keep_ping
     proxy.refuse = False
     frame = await stream.event(timeout=15)  # the resync after the reconnect finds it
     assert frame.data == claimed(agent.workspace_id, owner)
+
+
+async def test_readyz_has_its_own_connection_when_the_pool_is_exhausted(client: Client) -> None:
+    """Every pooled connection busy (a storm of connects): /readyz still answers 200, since its
+    echo NOTIFY goes through a connection of its own."""
+    pool = client.app[POOL]
+    client.app[READINESS].cache_for = 0  # every /readyz a fresh echo
+    held = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        response = await client.get("/readyz")
+        assert response.status == 200, await response.text()
+    finally:
+        for conn in held:
+            await pool.release(conn)

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from aiohttp import web
-from aiohttp.test_utils import TestClient, make_mocked_request
+from aiohttp.test_utils import make_mocked_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reinitd.errors import ApiError
 from reinitd.server.handler import parse_bool, parse_timeout, token_hash
 from tests.support import REINIT
-
-Client = TestClient[web.Request, web.Application]
-
 
 # --- fuzzing: every input has a defined outcome ------------------------------------------------
 
