@@ -30,12 +30,16 @@ log = structlog.get_logger("reinitd.server.connection")
 # before the budget is checked (asyncio accepts up to ACCEPT_BATCH per loop iteration).
 RESERVED_FILES: Final = 128
 ACCEPT_BATCH: Final = 256
-# Requests being served at once; the next connections' first bytes wait (unread, in the
-# kernel) until one finishes. Each costs ~16 KB of aiohttp objects while it waits for one of
-# the pool's connections: a storm of 10 000 connects, all in flight, left the process that
-# much larger for good (the allocator keeps what survivors pin). Probes never wait.
+# New connections admitted at once, from their first bytes until their request is answered or
+# starts to wait (a stream taken over, a long-poll subscribed): the next ones' bytes wait,
+# unread, until one is. Each costs ~16 KB of aiohttp objects while it waits for one of the
+# pool's connections: a storm of 10 000 connects, all admitted at once, left the process that
+# much larger for good (the allocator keeps what survivors pin). This smooths storms; it is not
+# a cap on requests. Probes, and first bytes without a whole request head (a client that
+# trickles its headers cannot hold a place), are never held back.
 MAX_IN_FLIGHT: Final = 64
 PROBES: Final = (b"GET /healthz", b"GET /readyz", b"GET /metrics")
+HEAD_END: Final = b"\r\n\r\n"
 
 _SHED = {reason: metrics.CONNECTIONS_CLOSED.labels(reason) for reason in metrics.CLOSE_REASONS}
 
@@ -108,10 +112,11 @@ class GuardedHandler(RequestHandler):
     def log_access(
         self, request: web.BaseRequest, response: web.StreamResponse, time: float | None
     ) -> None:
-        """aiohttp's call at the end of every request: the place to let the next one in."""
+        """aiohttp's call once a response is written: the connection is idle again, and the
+        place to let the next one in."""
         super().log_access(request, response, time)
-        if self.in_flight and (server := self.server) is not None:
-            server.finished(self)
+        if (server := self.server) is not None:
+            server.answered(self)
 
     @property
     def server(self) -> GuardedServer | None:
@@ -129,6 +134,8 @@ class GuardedHandler(RequestHandler):
         self.keep_alive(False)  # no keep-alive timer of aiohttp's outlives the request
         self.transport = None
         if (server := self.server) is not None:
+            if self.in_flight:
+                server.finished(self)
             server.stream_taken(self)
         # aiohttp breaks the handler <-> parser cycle in connection_lost, which a connection
         # given away never reaches: without this, every stream left a dozen objects for the
@@ -171,6 +178,17 @@ class GuardedHandler(RequestHandler):
         log.error("http_error", kind=kind)
 
 
+def settled(request: web.BaseRequest) -> None:
+    """The request now waits (a long-poll subscribed): let the next connection in."""
+    protocol = request.protocol
+    if (
+        isinstance(protocol, GuardedHandler)
+        and protocol.in_flight
+        and (server := protocol.server) is not None
+    ):
+        server.finished(protocol)
+
+
 class GuardedServer(web.Server):
     """aiohttp's server (the protocol factory and connection registry) with a budget."""
 
@@ -205,13 +223,8 @@ class GuardedServer(web.Server):
         app_handler = server.request_handler
 
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
-            protocol = request.protocol
-            server._idle.pop(protocol, None)
-            try:
-                return await app_handler(request)
-            finally:
-                if protocol.transport is not None and not protocol.transport.is_closing():
-                    server._idle[protocol] = None
+            server._idle.pop(request.protocol, None)  # idle again once answered
+            return await app_handler(request)
 
         server.request_handler = handle
         return server
@@ -235,6 +248,9 @@ class GuardedServer(web.Server):
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         self._idle.pop(handler, None)
         if isinstance(handler, GuardedHandler):
+            if handler.first_byte_due is not None:
+                handler.first_byte_due.cancel()
+                handler.first_byte_due = None
             self._waiting.pop(handler, None)
             if handler.in_flight:
                 self.finished(handler)
@@ -248,8 +264,9 @@ class GuardedServer(web.Server):
 
     def admit(self, handler: GuardedHandler, data: bytes) -> bool:
         """Whether a connection's first bytes are served now; if not, its reading pauses and
-        the bytes wait for `finished` to let it in, in arrival order."""
-        if data.startswith(PROBES):
+        the bytes wait for `finished` to let it in, in arrival order. A connection waiting
+        here is in a request: a flood of idle sockets is closed before it."""
+        if data.startswith(PROBES) or HEAD_END not in data:
             return True
         if self.in_flight < MAX_IN_FLIGHT:
             handler.in_flight = True
@@ -257,8 +274,16 @@ class GuardedServer(web.Server):
             return True
         if handler.transport is not None:
             handler.transport.pause_reading()
+        self._idle.pop(handler, None)
         self._waiting[handler] = data
         return False
+
+    def answered(self, handler: GuardedHandler) -> None:
+        """A response is written: the connection is idle until its next request."""
+        if handler.in_flight:
+            self.finished(handler)
+        if handler.transport is not None and not handler.transport.is_closing():
+            self._idle[handler] = None
 
     def finished(self, handler: GuardedHandler) -> None:
         handler.in_flight = False

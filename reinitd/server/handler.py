@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from reinitd.errors import ApiError
 from reinitd.server.admission import Ticket
 from reinitd.server.claim import Deliver, Refuse
+from reinitd.server.connection import settled
 from reinitd.server.hub import Delivery, End, Subscription
 from reinitd.server.keys import ADMISSION, READINESS, REQUEST_ID, SETTINGS
 from reinitd.server.stream import delivered, take_over
@@ -101,6 +102,7 @@ async def reinit(request: web.Request) -> web.StreamResponse:
             sub.offer(Delivery(verdict.event, "seeded"))
         ticket.open("sse" if poll_timeout is None else "json", request[REQUEST_ID])
         if poll_timeout is not None:
+            settled(request)
             return await _long_poll(sub, poll_timeout)
         return await _stream(request, ticket)
     finally:

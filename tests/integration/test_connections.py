@@ -24,6 +24,7 @@ from tests.support import (
     ServerFactory,
     ServerProcess,
     Sql,
+    claimed,
     open_stream,
     sample,
     server_process,
@@ -231,10 +232,11 @@ async def test_requests_in_flight_are_bounded_and_probes_never_wait(
     make_server: ServerFactory, sql: Sql, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With MAX_IN_FLIGHT requests held in the durable check, the next connect's bytes wait
-    unread (nothing allocated for them) until one finishes; /healthz is served meanwhile, and
-    every waiting agent gets its stream once the first ones go through."""
+    unread (nothing allocated for them) until one finishes; /healthz is served meanwhile, a
+    flood of idle sockets at the budget is closed before a waiting agent, and every waiting
+    agent gets its stream once the first ones go through."""
     monkeypatch.setattr(connection, "MAX_IN_FLIGHT", 2)
-    client = await make_server()
+    client = await make_server(max_connections=10)
     agents = [await sql.prebuild(f"in-flight-{i}") for i in range(4)]
     gate, inside = asyncio.Event(), asyncio.Queue[uuid.UUID]()
 
@@ -252,7 +254,74 @@ async def test_requests_in_flight_are_bounded_and_probes_never_wait(
     assert (await client.get("/healthz")).status == 200
     assert inside.empty()
     assert client.app[ADMISSION].in_use == 2
-    gate.set()
-    streams = await asyncio.wait_for(asyncio.gather(*opening), 10)
+    assert client.port is not None
+    async with sockets(client.port, 8) as idle:
+        assert await closed_by_server(idle[0])  # the budget was exceeded: the oldest idle went
+        gate.set()
+        streams = await asyncio.wait_for(asyncio.gather(*opening), 10)
     assert len(streams) == 4
     assert len(client.app[HUB]) == 4
+
+
+async def test_long_polls_and_trickled_heads_never_hold_back_a_new_connect(
+    make_server: ServerFactory, sql: Sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Admission smooths storms, it is no cap a client can fill: long-polls let the next
+    connect in once they wait, and first bytes without a whole request head (a slowloris) take
+    no place at all; an agent's stream still opens at once."""
+    monkeypatch.setattr(connection, "MAX_IN_FLIGHT", 2)
+    client = await make_server()
+    server = client.server.runner.server if client.server.runner else None
+    assert isinstance(server, connection.GuardedServer)
+    pollers = [await sql.prebuild(f"poll-{i}") for i in range(3)]
+    polls = [
+        asyncio.ensure_future(
+            client.get(
+                REINIT,
+                params={"wait": "true", "timeout": "30"},
+                headers={"Coder-Session-Token": a.token, "Accept": "application/json"},
+            )
+        )
+        for a in pollers
+    ]
+    await until(lambda: len(client.app[HUB]) == 3, what="three long-polls waiting")
+    assert server.in_flight == 0
+    assert client.server.port is not None
+    async with sockets(client.server.port, 5) as trickling:
+        for sock in trickling:
+            sock.send(b"G")
+        await asyncio.sleep(0.2)
+        assert server.in_flight == 0
+        agent = await sql.prebuild("agent")
+        stream = await asyncio.wait_for(open_stream(client, agent.token), 5)
+        owner = await sql.user()
+        await sql.claim(agent.workspace_id, owner)
+        assert (await stream.event()).data == claimed(agent.workspace_id, owner)
+    for poll in polls:
+        poll.cancel()
+    await asyncio.gather(*polls, return_exceptions=True)
+
+
+async def test_an_http_1_0_client_reads_plain_frames_until_the_connection_closes(
+    make_server: ServerFactory, sql: Sql
+) -> None:
+    """HTTP/1.0 has no chunked encoding (nginx proxies with it unless told otherwise): the
+    stream's body is the frames as they are, ended by closing the connection."""
+    client = await make_server()
+    agent = await sql.prebuild("http10")
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(
+        f"GET {REINIT}?wait=true HTTP/1.0\r\nCoder-Session-Token: {agent.token}\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.0 200 ")
+    assert b"transfer-encoding" not in head.lower()
+    owner = await sql.user()
+    await sql.claim(agent.workspace_id, owner)
+    frame = await asyncio.wait_for(reader.readuntil(b"event: data\n"), 5)
+    assert all(line.startswith(b"event: ") or line == b"" for line in frame.split(b"\n")), frame
+    data = await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+    assert data.startswith(b"data: ")
+    assert json.loads(data[len(b"data: ") :]) == claimed(agent.workspace_id, owner)
+    writer.close()
