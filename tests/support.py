@@ -22,9 +22,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import REGISTRY
 
+from reinitd.server.admission import Admission, Ticket
 from reinitd.server.embedded import Cluster, free_port
-from reinitd.server.hub import End
+from reinitd.server.hub import End, Hub, Subscription
 from reinitd.server.keys import DOORBELL, HUB, READINESS
+from reinitd.server.stream import Stream as ServerStream
 from reinitd.wire import REINIT_PATH
 
 REINIT = REINIT_PATH
@@ -376,3 +378,20 @@ async def login_role(
             )
         )
     return f"postgresql://{name}:{password}@127.0.0.1:{postgres.port}/reinitd"
+
+
+def attach_stream(
+    admission: Admission, hub: Hub, transport: asyncio.Transport, write_timeout: float = 1.0
+) -> Subscription:
+    """A stream on `transport` as a take-over leaves it: a ticket holding a process slot and a
+    subscription, handed to the Stream that became the transport's protocol. Returns the
+    subscription."""
+    admission._take_process_slot()
+    ticket = Ticket(admission)
+    ticket.subscription = hub.subscribe(uuid.uuid4(), wait=True)
+    ticket.open("sse", "r1")
+    stream = ServerStream(transport, ticket, None, write_timeout=write_timeout)
+    transport.set_protocol(stream)
+    ticket.hand_over(stream)
+    ticket.subscription.attach(stream)
+    return ticket.subscription

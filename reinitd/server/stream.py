@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from reinitd.server import metrics
 from reinitd.server.connection import GuardedHandler, GuardedServer
@@ -54,7 +54,7 @@ class Stream(asyncio.Protocol):
     """The protocol of a stream's connection after the take-over: a sink for its
     subscription, and the owner of its ticket (released when the connection is gone)."""
 
-    __slots__ = ("_server", "_stall", "_ticket", "_transport", "_write_timeout")
+    __slots__ = ("_chunked", "_server", "_stall", "_ticket", "_transport", "_write_timeout")
 
     def __init__(
         self,
@@ -62,25 +62,33 @@ class Stream(asyncio.Protocol):
         ticket: Ticket,
         server: GuardedServer | None,
         write_timeout: float,
+        *,
+        chunked: bool = True,
     ) -> None:
         self._transport = transport
+        # HTTP/1.1 bodies are chunked; an HTTP/1.0 client (a proxy without
+        # `proxy_http_version 1.1`) reads raw frames until the connection closes.
+        self._chunked = chunked
         self._ticket = ticket
         self._server = server
         self._write_timeout = write_timeout
         self._stall: asyncio.TimerHandle | None = None
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, frame: bytes) -> bool:
+        """Write one frame; False if the connection is already closing."""
         transport = self._transport
         if transport.is_closing():
-            return
-        transport.write(data)
+            return False
+        transport.write(chunk(frame) if self._chunked else frame)
         if transport.get_write_buffer_size() > MAX_BUFFERED:
             self._stalled()
+        return True
 
     # --- the sink: what the subscription hands over -------------------------------------
 
     def deliver(self, delivery: Delivery) -> None:
-        self._write(chunk(delivery.event.frame()))
+        if not self._write(delivery.event.frame()):
+            return  # the connection is closing: the claim is not delivered here
         sub = self._ticket.subscription
         assert sub is not None
         sub.delivered += 1
@@ -94,7 +102,9 @@ class Stream(asyncio.Protocol):
         )
 
     def ping(self) -> None:
-        self._write(PING_CHUNK)
+        transport = self._transport
+        if not transport.is_closing():
+            transport.write(PING_CHUNK if self._chunked else PING_FRAME)
 
     def end(self, end: End) -> None:
         """End the body (after the refusal's error frame, if any) and close."""
@@ -102,9 +112,10 @@ class Stream(asyncio.Protocol):
         assert sub is not None
         sub.ended_by = end.why
         if end.refusal is not None:
-            self._write(chunk(error_frame(end.refusal.message, end.refusal.detail)))
-        self._write(LAST_CHUNK)
-        self._transport.close()
+            self._write(error_frame(end.refusal.message, end.refusal.detail))
+        if self._chunked and not self._transport.is_closing():
+            self._transport.write(LAST_CHUNK)
+        self._transport.close()  # a client not reading is cut off when its stall timer fires
 
     # --- the protocol: what the connection reports ---------------------------------------
 
@@ -124,18 +135,19 @@ class Stream(asyncio.Protocol):
             self._stall = None
 
     def _stalled(self) -> None:
-        if self._transport.is_closing():
-            return
-        sub = self._ticket.subscription
-        assert sub is not None
-        sub.ended_by = "stalled"
-        metrics.STALLED_CLIENTS.inc()
-        log.warning(
-            "client_stalled",
-            write_timeout_s=self._write_timeout,
-            workspace_id=str(sub.workspace_id),
-            request_id=self._ticket.request_id,
-        )
+        """Cut a client that stopped reading; also one whose stream already ended, whose
+        `close` would otherwise wait for it forever."""
+        if not self._transport.is_closing():
+            sub = self._ticket.subscription
+            assert sub is not None
+            sub.ended_by = "stalled"
+            metrics.STALLED_CLIENTS.inc()
+            log.warning(
+                "client_stalled",
+                write_timeout_s=self._write_timeout,
+                workspace_id=str(sub.workspace_id),
+                request_id=self._ticket.request_id,
+            )
         self._transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -156,7 +168,8 @@ def take_over(request: web.BaseRequest, ticket: Ticket, write_timeout: float) ->
     transport = protocol.let_go()
     if transport is None:
         return False
-    stream = Stream(transport, ticket, protocol.server, write_timeout)
+    chunked = request.version >= HttpVersion11
+    stream = Stream(transport, ticket, protocol.server, write_timeout, chunked=chunked)
     transport.set_protocol(stream)
     ticket.hand_over(stream)
     sub = ticket.subscription

@@ -7,18 +7,17 @@ import asyncio
 import contextlib
 import gc
 import socket
-import uuid
+import weakref
 from collections.abc import Iterator
 from unittest import mock
 
 import pytest
 
 from reinitd.server import collector as collector_module
-from reinitd.server.admission import Admission, Ticket
+from reinitd.server.admission import Admission
 from reinitd.server.collector import Collector
 from reinitd.server.hub import End, Hub
-from reinitd.server.stream import Stream
-from tests.support import sample
+from tests.support import attach_stream, sample
 
 
 @contextlib.contextmanager
@@ -48,19 +47,11 @@ async def test_a_closed_stream_leaves_no_cycle_of_ours() -> None:
     with cyclic_garbage() as garbage:
         loop = asyncio.get_running_loop()
         transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
-        admission._take_process_slot()
-        ticket = Ticket(admission)
-        ticket.subscription = hub.subscribe(uuid.uuid4(), wait=True)
-        ticket.open("sse", "r1")
-        stream = Stream(transport, ticket, None, write_timeout=1.0)
-        transport.set_protocol(stream)
-        ticket.hand_over(stream)
-        ticket.subscription.attach(stream)
-        ticket.subscription.end(End("test"))
+        attach_stream(admission, hub, transport).end(End("test"))
         async with asyncio.timeout(5):  # connection_lost releases the ticket
             while admission.in_use:
                 await asyncio.sleep(0.01)
-        del stream, ticket, transport
+        del transport
         theirs.close()
     kinds = {type(obj).__name__ for obj in garbage}
     assert not kinds & {"Stream", "Ticket", "Subscription"}, kinds
@@ -112,6 +103,38 @@ async def test_a_full_collection_is_followed_by_a_freeze(
         async with asyncio.timeout(5):
             while not settled.called:
                 await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        collector.uninstall()
+
+
+async def test_young_garbage_is_collected_not_frozen_after_a_full_collection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cycle that became garbage between a full collection and the next check is collected
+    before the freeze: frozen, it would live until the next rescan."""
+    monkeypatch.setattr(collector_module, "CHECK", 0.05)
+    collector = Collector()
+    collector.install()
+    task = asyncio.create_task(collector.run())
+
+    class Node:
+        other: object = None
+
+    try:
+        await asyncio.sleep(0.01)
+        gc.collect()  # a full collection, as the interpreter would run one
+        node = Node()
+        node.other = node  # a cycle: only the cyclic collector frees it
+        gone = weakref.ref(node)
+        del node
+        async with asyncio.timeout(5):
+            while collector.full_collections and gc.get_freeze_count() == 0:
+                await asyncio.sleep(0.01)
+        assert gc.get_freeze_count() > 0
+        assert gone() is None
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
