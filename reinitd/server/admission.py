@@ -114,6 +114,7 @@ class Admission:
         self.max_streams = max_streams
         self.max_streams_per_agent = max_streams_per_agent
         self.in_use = 0
+        self.stopping = False  # the server is shutting down: no new stream
         self._per_agent: Counter[uuid.UUID] = Counter()
         # Test seam: awaited between the read (token and builds) and the registration.
         self.after_read: Callable[[uuid.UUID], Awaitable[None]] | None = None
@@ -122,7 +123,18 @@ class Admission:
     def agent_slots(self) -> int:
         return self._per_agent.total()
 
+    def _refuse_if_stopping(self) -> None:
+        if self.stopping:
+            raise ApiError(
+                503,
+                "Service unavailable.",
+                "This server is shutting down; retry (another replica, or this one restarted).",
+                reason="shutting_down",
+                headers={"Retry-After": "1"},
+            )
+
     def _take_process_slot(self) -> None:
+        self._refuse_if_stopping()
         if self.in_use >= self.max_streams:  # before any database work
             raise ApiError(
                 503,
@@ -178,6 +190,7 @@ class Admission:
             structlog.contextvars.bind_contextvars(workspace_id=str(workspace_id))
             if self.after_read is not None:
                 await self.after_read(workspace_id)
+            self._refuse_if_stopping()  # the shutdown ended every stream during the read
             self._take_agent_slot(row["agent_id"])
             ticket.agent_id = row["agent_id"]
             ticket.subscription = self._hub.subscribe(workspace_id, wait=wait)

@@ -120,6 +120,7 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
 async def _on_shutdown(app: web.Application) -> None:
     """Readiness off, then end every open stream so shutdown does not wait on them."""
     app[READINESS].stopping = True
+    app[ADMISSION].stopping = True
     log.info("streams_closing", open_streams=len(app[HUB]))
     app[HUB].end_all("shutdown")
 

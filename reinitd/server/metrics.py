@@ -125,6 +125,7 @@ for _reason in (
     "agent_stream_limit",
     "server_full",
     "wait_ended",
+    "shutting_down",
     "bad_request",
     "database_unavailable",
 ):

@@ -139,3 +139,30 @@ async def test_a_burst_of_ten_times_the_cap_never_exceeds_it(
     for response in responses:
         response.close()
     await assert_nothing_held(client)
+
+
+async def test_a_connect_whose_read_spans_the_shutdown_gets_a_503_not_a_stream(
+    make_server: ServerFactory, sql: Sql
+) -> None:
+    """Shutdown ends every open stream; a request still in its durable check then is refused
+    with 503 and Retry-After (retry elsewhere), not opened as a stream nobody will end."""
+    client = await make_server()
+    agent = await sql.prebuild("late")
+    inside, release = asyncio.Event(), asyncio.Event()
+
+    async def stall(_workspace_id: uuid.UUID) -> None:
+        inside.set()
+        await release.wait()
+
+    client.app[ADMISSION].after_read = stall
+    opening = asyncio.ensure_future(
+        client.get(REINIT, params={"wait": "true"}, headers={"Coder-Session-Token": agent.token})
+    )
+    await asyncio.wait_for(inside.wait(), 5)
+    await client.app.shutdown()  # what aiohttp runs first when the server stops
+    release.set()
+    response = await asyncio.wait_for(opening, 5)
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "1"
+    assert (await response.json())["message"] == "Service unavailable."
+    await assert_nothing_held(client)
