@@ -68,6 +68,7 @@ class Collector:
     def uninstall(self) -> None:
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
+        gc.unfreeze()
 
     def settle(self) -> None:
         """Collect everything, then freeze what survived: the pause is paid now, once. The
@@ -97,5 +98,8 @@ class Collector:
                 self.settle()
                 rescan_at, settled_at = time.monotonic() + RESCAN, streams
             elif self.full_collections != seen:
-                gc.freeze()  # the survivors of the full collection that just ran
+                # The survivors of the full collection that just ran, once the young garbage
+                # made since is gone (a cycle frozen would live until the next rescan).
+                gc.collect(1)
+                gc.freeze()
             seen, previous = self.full_collections, streams
