@@ -147,9 +147,10 @@ async def test_a_database_that_never_answers_is_named_within_the_connect_timeout
     """A database address that accepts TCP but never answers stops `serve` within the connect
     timeout, with one line naming the server (no password, no traceback)."""
 
+    accepted: list[asyncio.StreamWriter] = []
+
     async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(30)
-        writer.close()
+        accepted.append(writer)  # and never a byte back
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -168,6 +169,8 @@ async def test_a_database_that_never_answers_is_named_within_the_connect_timeout
         _, stderr = await asyncio.wait_for(process.communicate(), 20)
     finally:
         server.close()
+        for writer in accepted:
+            writer.close()
     assert process.returncode == 1
     assert stderr.decode().strip().splitlines() == [
         f"reinitd serve: PostgreSQL at reinitd@127.0.0.1:{port}/reinitd did not answer within 0.5 s"
