@@ -395,7 +395,7 @@ class Settings:
     """What `reinitd serve` runs with: the SERVE options, plus tuning that is not an option.
     Build it with `serve_settings`, whose defaults are the options' own."""
 
-    database_url: str
+    database_url: str | None
     listen_database_url: str | None
     database_pooler: str
     host: str
@@ -429,8 +429,14 @@ class Settings:
     migrate_database_url: str | None = field(default=None)
 
     @property
+    def dsn(self) -> str:
+        """The database URL: None only until serve has started the embedded cluster."""
+        assert self.database_url is not None, "the embedded cluster's URL is set first"
+        return self.database_url
+
+    @property
     def listen_dsn(self) -> str:
-        return self.listen_database_url or self.database_url
+        return self.listen_database_url or self.dsn
 
 
 def serve_settings(**values: Any) -> Settings:
