@@ -62,4 +62,6 @@ SELECT format(
 
 -- set_superuser_password --
 -- Run by `postgres --single` (no parameters there): $1 is replaced by a quoted hex password.
+-- SCRAM whatever the cluster's default (md5 before PostgreSQL 14).
+SET password_encryption = 'scram-sha-256';
 ALTER ROLE postgres PASSWORD $1;

@@ -278,17 +278,21 @@ class Cluster:
 
     def _secure(self) -> None:
         """A cluster made by reinitd 0.1 trusted every local connection: give the superuser
-        its password in single-user mode (no connection is accepted meanwhile) and require it."""
-        if self.passfile.is_file():
+        its password in single-user mode (no connection is accepted meanwhile) and require it.
+        Needed whenever pg_hba.conf is not ours.
+        The password is on file first and pg_hba.conf written last, so a run cut short is
+        done again, with the same password, at the next start."""
+        hba = self.datadir / "pg_hba.conf"
+        if hba.is_file() and hba.read_text() == PG_HBA:
             return
         password = self._ensure_passwords()[SUPERUSER]
-        log.warning("postgres_securing", datadir=str(self.datadir), reason="trust authentication")
+        log.warning("postgres_securing", datadir=str(self.datadir), reason="pg_hba.conf")
         statement = QUERIES["set_superuser_password"].replace("$1", f"'{password}'")
         self._check(
             self._run("postgres", "--single", "-D", str(self.datadir), "postgres", stdin=statement),
             "setting the superuser's password",
         )
-        (self.datadir / "pg_hba.conf").write_text(PG_HBA)
+        hba.write_text(PG_HBA)
 
     def running(self) -> bool:
         return self._run("pg_ctl", "status", "-D", str(self.datadir)).returncode == 0

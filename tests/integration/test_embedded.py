@@ -248,26 +248,52 @@ async def test_an_interrupted_first_start_and_a_busy_port(tmp_path: Path, start:
     await stop(server)
 
 
+def old_cluster(root: Path, superuser: str = "postgres") -> postgres.Cluster:
+    """A cluster as reinitd 0.1 made it: trust authentication, and (as on PostgreSQL 13, its
+    default) passwords stored as md5, which a scram-sha-256 pg_hba.conf rejects."""
+    os.chmod(root, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
+    old = postgres.Cluster(root=root, bindir=postgres.find_bindir())
+    result = old._run("initdb", "-D", str(old.datadir), "-U", superuser, "-A", "trust", "--no-sync")
+    assert result.returncode == 0, result.stderr
+    with (old.datadir / "postgresql.conf").open("a") as conf:
+        conf.write("password_encryption = md5\n")
+    return old
+
+
+def assert_private(cluster: postgres.Cluster) -> None:
+    """pg_hba.conf is reinitd's, the passfile logs in, and nothing logs in without it."""
+    assert (cluster.datadir / "pg_hba.conf").read_text() == postgres.PG_HBA
+    assert cluster.passfile.stat().st_mode & 0o077 == 0
+    assert cluster.psql("SELECT 1").strip() == "1"
+    naked = f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres?sslmode=disable"
+    empty = cluster.root / "empty-passfile"
+    empty.write_text("")
+    empty.chmod(0o600)
+    with pytest.raises(asyncpg.PostgresError):
+        asyncio.run(asyncpg.connect(naked, passfile=str(empty)))
+
+
 def test_a_trust_cluster_of_an_older_reinitd_is_secured(tmp_path: Path) -> None:
     """A cluster made by reinitd 0.1 (trust authentication, no passfile) gets a password in
-    single-user mode and requires it, before it accepts any connection."""
-    os.chmod(tmp_path, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
-    old = postgres.Cluster(root=tmp_path, bindir=postgres.find_bindir())
-    result = old._run(
-        "initdb", "-D", str(old.datadir), "-U", "postgres", "-A", "trust", "--no-sync"
-    )
-    assert result.returncode == 0, result.stderr
+    single-user mode, stored as SCRAM whatever the cluster's default, and requires it, before
+    it accepts any connection."""
+    old_cluster(tmp_path)
     cluster = postgres.ensure_cluster(tmp_path, fsync=False)
     try:
-        assert (tmp_path / "pgpass").stat().st_mode & 0o077 == 0
-        assert "trust" not in (old.datadir / "pg_hba.conf").read_text()
-        assert cluster.psql("SELECT 1").strip() == "1"  # with the passfile
-        naked = f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres?sslmode=disable"
-        empty = tmp_path / "empty-passfile"
-        empty.write_text("")
-        empty.chmod(0o600)
-        with pytest.raises(asyncpg.PostgresError):
-            asyncio.run(asyncpg.connect(naked, passfile=str(empty)))
+        assert_private(cluster)
+    finally:
+        cluster.stop()
+
+
+def test_a_securing_cut_short_is_done_again_at_the_next_start(tmp_path: Path) -> None:
+    """The passfile is written before the single-user run: when that run fails, the next start
+    still finds pg_hba.conf trusting everyone, and secures it with the password on file."""
+    old = old_cluster(tmp_path)
+    written = old._ensure_passwords()  # what a failed single-user run leaves behind
+    cluster = postgres.ensure_cluster(tmp_path, fsync=False)
+    try:
+        assert_private(cluster)
+        assert cluster._passwords() == written
     finally:
         cluster.stop()
 
