@@ -298,6 +298,26 @@ def test_a_securing_cut_short_is_done_again_at_the_next_start(tmp_path: Path) ->
         cluster.stop()
 
 
+@pytest.mark.parametrize("lost", [postgres.SERVER_ROLE, postgres.SUPERUSER])
+def test_a_password_lost_from_the_passfile_is_made_again(tmp_path: Path, lost: str) -> None:
+    """Only the missing password is generated: the server role's alone keeps the superuser's
+    (which the cluster has), and a lost superuser's is set again in single-user mode."""
+    os.chmod(tmp_path, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
+    postgres.ensure_cluster(tmp_path, fsync=False).stop()
+    first = postgres.Cluster(root=tmp_path, bindir=postgres.find_bindir())._passwords()
+    kept = {user: password for user, password in first.items() if user != lost}
+    (tmp_path / "pgpass").write_text("".join(f"127.0.0.1:*:*:{u}:{p}\n" for u, p in kept.items()))
+    cluster = postgres.ensure_cluster(tmp_path, fsync=False)
+    try:
+        now = cluster._ensure_passwords()  # as ensure_server_role does
+        assert_private(cluster)
+        assert now.keys() == first.keys()
+        assert {user: now[user] for user in kept} == kept
+        assert now[lost] != first[lost]
+    finally:
+        cluster.stop()
+
+
 async def worker_pids(pid: int) -> list[int]:
     children = Path(f"/proc/{pid}/task/{pid}/children")
     text = await asyncio.to_thread(children.read_text)
