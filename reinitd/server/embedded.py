@@ -291,8 +291,19 @@ class Cluster:
         password = self._ensure_passwords()[SUPERUSER]
         log.warning("postgres_securing", datadir=str(self.datadir), reason="pg_hba.conf or pgpass")
         statement = QUERIES["set_superuser_password"].replace("$1", f"'{password}'")
-        self._check(
-            self._run("postgres", "--single", "-D", str(self.datadir), "postgres", stdin=statement),
+        self._check(  # an error ends the run (exit 1) and does not echo the statement
+            self._run(
+                "postgres",
+                "--single",
+                "-c",
+                "exit_on_error=on",
+                "-c",
+                "log_min_error_statement=panic",
+                "-D",
+                str(self.datadir),
+                "postgres",
+                stdin=statement,
+            ),
             "setting the superuser's password",
         )
         hba.write_text(PG_HBA)

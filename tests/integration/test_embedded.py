@@ -21,6 +21,7 @@ import pytest
 from reinitd.errors import EmbeddedError
 from reinitd.server import embedded as postgres
 from reinitd.server.embedded import free_port
+from reinitd.server.query import QUERIES
 from tests.support import reinitd_process, serve_args, stop_process, wait_ready
 
 Starter = Callable[[Path, int], Awaitable[asyncio.subprocess.Process]]
@@ -296,6 +297,17 @@ def test_a_securing_cut_short_is_done_again_at_the_next_start(tmp_path: Path) ->
         assert cluster._passwords() == written
     finally:
         cluster.stop()
+
+
+def test_a_failed_securing_shows_no_password(tmp_path: Path) -> None:
+    """When the single-user run fails (here: no role `postgres` to alter), start fails with the
+    reason but without the password, and pg_hba.conf is left for the next start to fix."""
+    old = old_cluster(tmp_path, superuser="someone")
+    assert QUERIES["set_superuser_password"].count("$1") == 1
+    with pytest.raises(EmbeddedError, match='role "postgres" does not exist') as failed:
+        postgres.ensure_cluster(tmp_path, fsync=False)
+    assert old._passwords()[postgres.SUPERUSER] not in str(failed.value)
+    assert (old.datadir / "pg_hba.conf").read_text() != postgres.PG_HBA
 
 
 @pytest.mark.parametrize("lost", [postgres.SERVER_ROLE, postgres.SUPERUSER])
