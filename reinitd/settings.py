@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,12 +68,14 @@ def max_workers() -> int:
 
 
 def database_url(text: str) -> str:
-    parts = urllib.parse.urlsplit(text)
+    expected = "expected a PostgreSQL URL, like postgresql://user@host:5432/reinitd"
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError as exc:  # unbalanced brackets around an IPv6 address
+        raise SettingError(f"{expected} (not a valid URL: {exc})") from None
     if parts.scheme not in ("postgresql", "postgres"):
-        raise SettingError(
-            "expected a PostgreSQL URL, like postgresql://user@host:5432/reinitd "
-            f"(got a {parts.scheme + ':' if parts.scheme else 'scheme-less'} address)"
-        )
+        scheme = parts.scheme + ":" if parts.scheme else "scheme-less"
+        raise SettingError(f"{expected} (got a {scheme} address)")
     return text
 
 
@@ -111,6 +114,8 @@ class Option:
     parse: Parse = text
     choices: tuple[str, ...] = ()
     metavar: str | None = None
+    # A value never to be printed, even when it fails its check.
+    secret: bool = False
 
     @property
     def flag(self) -> str:
@@ -295,7 +300,14 @@ AGENT: tuple[Option, ...] = (
         "base URL of reinitd, e.g. http://reinitd.internal:8080 (required)",
         http_url,
     ),
-    Option("token", "REINITD_AGENT_TOKEN", None, "the agent token, a UUID (required)", agent_token),
+    Option(
+        "token",
+        "REINITD_AGENT_TOKEN",
+        None,
+        "the agent token, a UUID (required)",
+        agent_token,
+        secret=True,
+    ),
     Option(
         "exec",
         "REINITD_EXEC",
@@ -349,8 +361,29 @@ def resolve(
         try:
             values[option.name] = option.check(raw)
         except SettingError as exc:
-            raise SettingError(f"{source}={raw!r}: {exc}") from None
+            shown = None if option.secret else without_password(raw)
+            named = source if shown is None else f"{source}={shown!r}"
+            raise SettingError(f"{named}: {exc}") from None
     return values
+
+
+def without_password(raw: str) -> str | None:
+    """`raw` as an error message may show it: a URL's password (in its user part or as a
+    `password=` parameter) replaced by ***; None when it cannot be told apart (an unparseable
+    URL)."""
+    try:
+        parts = urllib.parse.urlsplit(raw)
+        password = parts.password
+    except ValueError:
+        return None
+    netloc = parts.netloc
+    if password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}:***@{host}"
+    query = re.sub(r"(password=)[^&]*", r"\1***", parts.query)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return raw
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def defaults(options: Sequence[Option]) -> dict[str, Any]:
@@ -362,7 +395,7 @@ class Settings:
     """What `reinitd serve` runs with: the SERVE options, plus tuning that is not an option.
     Build it with `serve_settings`, whose defaults are the options' own."""
 
-    database_url: str
+    database_url: str | None
     listen_database_url: str | None
     database_pooler: str
     host: str
@@ -396,8 +429,14 @@ class Settings:
     migrate_database_url: str | None = field(default=None)
 
     @property
+    def dsn(self) -> str:
+        """The database URL: None only until serve has started the embedded cluster."""
+        assert self.database_url is not None, "the embedded cluster's URL is set first"
+        return self.database_url
+
+    @property
     def listen_dsn(self) -> str:
-        return self.listen_database_url or self.database_url
+        return self.listen_database_url or self.dsn
 
 
 def serve_settings(**values: Any) -> Settings:

@@ -61,5 +61,7 @@ SELECT format(
     END, $1::text, $2::text)
 
 -- set_superuser_password --
--- Run by `postgres --single` (no parameters there): $1 is replaced by a quoted hex password.
+-- Run by `postgres --single`, a statement a line and no parameters: the one placeholder is
+-- replaced by the quoted hex password. SCRAM whatever the cluster's default (md5 before 14).
+SET password_encryption = 'scram-sha-256';
 ALTER ROLE postgres PASSWORD $1;

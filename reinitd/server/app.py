@@ -48,7 +48,7 @@ async def _no_reset(_conn: asyncpg.Connection) -> None:
 async def _pool(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     app[POOL] = await asyncpg.create_pool(
-        settings.database_url,
+        settings.dsn,
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
         server_settings={"application_name": "reinitd"},
@@ -85,7 +85,7 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
         functools.partial(read_verdicts, pool), hub, resync_interval=settings.resync_interval
     )
     router = Router({CHANNEL: doorbell.on_payload})
-    notifier = Notifier(settings.database_url, timeout=settings.probe_timeout)
+    notifier = Notifier(settings.dsn, timeout=settings.probe_timeout)
     listener = Listener(
         settings.listen_dsn,
         router,

@@ -193,9 +193,12 @@ class Cluster:
         return passwords
 
     def _ensure_passwords(self) -> dict[str, str]:
+        """The passwords on file, after generating any missing one (never one that is there:
+        the cluster has it)."""
         passwords = self._passwords()
-        if {SUPERUSER, SERVER_ROLE} - passwords.keys():
-            passwords = {user: secrets.token_hex(24) for user in (SUPERUSER, SERVER_ROLE)}
+        missing = [user for user in (SUPERUSER, SERVER_ROLE) if user not in passwords]
+        if missing:
+            passwords |= {user: secrets.token_hex(24) for user in missing}
             lines = "".join(f"127.0.0.1:*:*:{u}:{p}\n" for u, p in passwords.items())
             _write_private(self.passfile, lines)
         return passwords
@@ -278,17 +281,32 @@ class Cluster:
 
     def _secure(self) -> None:
         """A cluster made by reinitd 0.1 trusted every local connection: give the superuser
-        its password in single-user mode (no connection is accepted meanwhile) and require it."""
-        if self.passfile.is_file():
+        its password in single-user mode (no connection is accepted meanwhile) and require it.
+        Needed whenever pg_hba.conf is not ours or the passfile lost the superuser's password.
+        The password is on file first and pg_hba.conf written last, so a run cut short is
+        done again, with the same password, at the next start."""
+        hba = self.datadir / "pg_hba.conf"
+        if hba.is_file() and hba.read_text() == PG_HBA and SUPERUSER in self._passwords():
             return
         password = self._ensure_passwords()[SUPERUSER]
-        log.warning("postgres_securing", datadir=str(self.datadir), reason="trust authentication")
+        log.warning("postgres_securing", datadir=str(self.datadir), reason="pg_hba.conf or pgpass")
         statement = QUERIES["set_superuser_password"].replace("$1", f"'{password}'")
-        self._check(
-            self._run("postgres", "--single", "-D", str(self.datadir), "postgres", stdin=statement),
+        self._check(  # an error ends the run (exit 1) and does not echo the statement
+            self._run(
+                "postgres",
+                "--single",
+                "-c",
+                "exit_on_error=on",
+                "-c",
+                "log_min_error_statement=panic",
+                "-D",
+                str(self.datadir),
+                "postgres",
+                stdin=statement,
+            ),
             "setting the superuser's password",
         )
-        (self.datadir / "pg_hba.conf").write_text(PG_HBA)
+        hba.write_text(PG_HBA)
 
     def running(self) -> bool:
         return self._run("pg_ctl", "status", "-D", str(self.datadir)).returncode == 0

@@ -158,7 +158,7 @@ def _serve(settings: Settings, stop: Stop) -> int:
     with embedded_database(settings) as ready:
         if ready.migrate_database_url is None and stop.signal is None:
             # the embedded cluster's is done
-            asyncio.run(migrate(ready.database_url, connect_timeout=ready.connect_timeout))
+            asyncio.run(migrate(ready.dsn, connect_timeout=ready.connect_timeout))
         if stop.signal is not None:
             return 0
         if single:

@@ -21,6 +21,7 @@ import pytest
 from reinitd.errors import EmbeddedError
 from reinitd.server import embedded as postgres
 from reinitd.server.embedded import free_port
+from reinitd.server.query import QUERIES
 from tests.support import reinitd_process, serve_args, stop_process, wait_ready
 
 Starter = Callable[[Path, int], Awaitable[asyncio.subprocess.Process]]
@@ -248,26 +249,83 @@ async def test_an_interrupted_first_start_and_a_busy_port(tmp_path: Path, start:
     await stop(server)
 
 
+def old_cluster(root: Path, superuser: str = "postgres") -> postgres.Cluster:
+    """A cluster as reinitd 0.1 made it: trust authentication, and (as on PostgreSQL 13, its
+    default) passwords stored as md5, which a scram-sha-256 pg_hba.conf rejects."""
+    os.chmod(root, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
+    old = postgres.Cluster(root=root, bindir=postgres.find_bindir())
+    result = old._run("initdb", "-D", str(old.datadir), "-U", superuser, "-A", "trust", "--no-sync")
+    assert result.returncode == 0, result.stderr
+    with (old.datadir / "postgresql.conf").open("a") as conf:
+        conf.write("password_encryption = md5\n")
+    return old
+
+
+def assert_private(cluster: postgres.Cluster) -> None:
+    """pg_hba.conf is reinitd's, the passfile logs in, and nothing logs in without it."""
+    assert (cluster.datadir / "pg_hba.conf").read_text() == postgres.PG_HBA
+    assert cluster.passfile.stat().st_mode & 0o077 == 0
+    assert cluster.psql("SELECT 1").strip() == "1"
+    naked = f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres?sslmode=disable"
+    empty = cluster.root / "empty-passfile"
+    empty.write_text("")
+    empty.chmod(0o600)
+    with pytest.raises(asyncpg.PostgresError):
+        asyncio.run(asyncpg.connect(naked, passfile=str(empty)))
+
+
 def test_a_trust_cluster_of_an_older_reinitd_is_secured(tmp_path: Path) -> None:
     """A cluster made by reinitd 0.1 (trust authentication, no passfile) gets a password in
-    single-user mode and requires it, before it accepts any connection."""
-    os.chmod(tmp_path, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
-    old = postgres.Cluster(root=tmp_path, bindir=postgres.find_bindir())
-    result = old._run(
-        "initdb", "-D", str(old.datadir), "-U", "postgres", "-A", "trust", "--no-sync"
-    )
-    assert result.returncode == 0, result.stderr
+    single-user mode, stored as SCRAM whatever the cluster's default, and requires it, before
+    it accepts any connection."""
+    old_cluster(tmp_path)
     cluster = postgres.ensure_cluster(tmp_path, fsync=False)
     try:
-        assert (tmp_path / "pgpass").stat().st_mode & 0o077 == 0
-        assert "trust" not in (old.datadir / "pg_hba.conf").read_text()
-        assert cluster.psql("SELECT 1").strip() == "1"  # with the passfile
-        naked = f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres?sslmode=disable"
-        empty = tmp_path / "empty-passfile"
-        empty.write_text("")
-        empty.chmod(0o600)
-        with pytest.raises(asyncpg.PostgresError):
-            asyncio.run(asyncpg.connect(naked, passfile=str(empty)))
+        assert_private(cluster)
+    finally:
+        cluster.stop()
+
+
+def test_a_securing_cut_short_is_done_again_at_the_next_start(tmp_path: Path) -> None:
+    """The passfile is written before the single-user run: when that run fails, the next start
+    still finds pg_hba.conf trusting everyone, and secures it with the password on file."""
+    old = old_cluster(tmp_path)
+    written = old._ensure_passwords()  # what a failed single-user run leaves behind
+    cluster = postgres.ensure_cluster(tmp_path, fsync=False)
+    try:
+        assert_private(cluster)
+        assert cluster._passwords() == written
+    finally:
+        cluster.stop()
+
+
+def test_a_failed_securing_shows_no_password(tmp_path: Path) -> None:
+    """When the single-user run fails (here: no role `postgres` to alter), start fails with the
+    reason but without the password, and pg_hba.conf is left for the next start to fix."""
+    old = old_cluster(tmp_path, superuser="someone")
+    assert QUERIES["set_superuser_password"].count("$1") == 1
+    with pytest.raises(EmbeddedError, match='role "postgres" does not exist') as failed:
+        postgres.ensure_cluster(tmp_path, fsync=False)
+    assert old._passwords()[postgres.SUPERUSER] not in str(failed.value)
+    assert (old.datadir / "pg_hba.conf").read_text() != postgres.PG_HBA
+
+
+@pytest.mark.parametrize("lost", [postgres.SERVER_ROLE, postgres.SUPERUSER])
+def test_a_password_lost_from_the_passfile_is_made_again(tmp_path: Path, lost: str) -> None:
+    """Only the missing password is generated: the server role's alone keeps the superuser's
+    (which the cluster has), and a lost superuser's is set again in single-user mode."""
+    os.chmod(tmp_path, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
+    postgres.ensure_cluster(tmp_path, fsync=False).stop()
+    first = postgres.Cluster(root=tmp_path, bindir=postgres.find_bindir())._passwords()
+    kept = {user: password for user, password in first.items() if user != lost}
+    (tmp_path / "pgpass").write_text("".join(f"127.0.0.1:*:*:{u}:{p}\n" for u, p in kept.items()))
+    cluster = postgres.ensure_cluster(tmp_path, fsync=False)
+    try:
+        now = cluster._ensure_passwords()  # as ensure_server_role does
+        assert_private(cluster)
+        assert now.keys() == first.keys()
+        assert {user: now[user] for user in kept} == kept
+        assert now[lost] != first[lost]
     finally:
         cluster.stop()
 

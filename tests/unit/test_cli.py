@@ -72,7 +72,30 @@ def test_help_explains_every_option(
         (["serve"], {"REINITD_LOG_FORMAT": "xml"}, "expected one of auto, json, console"),
         (["serve"], {"REINITD_EVENT_LOOP": "trio"}, "expected one of auto, uvloop, asyncio"),
         (["agent", "--url", "notaurl"], {}, "--url='notaurl': expected the base URL"),
-        (["agent", "--token", "nope"], {}, "--token='nope': expected the agent token, a UUID"),
+        (
+            ["serve"],
+            {"DATABASE_URL": "postgresql://[::1/db"},
+            "DATABASE_URL: expected a PostgreSQL",
+        ),
+        # a secret is never shown: a token not at all, a URL without its password
+        (["agent", "--token", "s3cret-token"], {}, "--token: expected the agent token"),
+        (["agent"], {"REINITD_AGENT_TOKEN": "s3cret-token"}, "REINITD_AGENT_TOKEN: expected"),
+        (
+            ["serve"],
+            {"DATABASE_URL": "postgresql+asyncpg://u:s3cret@db/x"},
+            "DATABASE_URL='postgresql+asyncpg://u:***@db/x': expected a PostgreSQL URL",
+        ),
+        (
+            ["migrate", "--database-url", "mysql://u@db/x?sslmode=require&password=s3cret"],
+            {},
+            "--database-url='mysql://u@db/x?sslmode=require&password=***': expected",
+        ),
+        (
+            ["serve"],
+            {"REINITD_LISTEN_DATABASE_URL": "postgresql://u:s3cret@[::1/x"},
+            "REINITD_LISTEN_DATABASE_URL: expected a PostgreSQL URL",
+        ),
+        (["agent", "--url", "ftp://u:s3cret@host/"], {}, "--url='ftp://u:***@host/': expected"),
     ],
 )
 def test_bad_options_are_clear_errors(
@@ -83,13 +106,14 @@ def test_bad_options_are_clear_errors(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Invalid flags or environment values stop the command at once, with exit code 2 and a
-    one-line message naming the flag or variable."""
+    one-line message naming the flag or variable, and no secret (stderr ends up in journals)."""
     code = run(args, env, monkeypatch)
     captured = capsys.readouterr()
     assert code == 2, captured.err
     assert expected in captured.err
     assert len(captured.err.splitlines()) == 1, captured.err  # one line, no traceback
     assert captured.out == ""
+    assert "s3cret" not in captured.err
 
 
 async def test_a_command_reads_only_its_own_environment() -> None:
