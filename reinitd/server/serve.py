@@ -170,10 +170,10 @@ def _serve(settings: Settings, stop: Stop) -> int:
 def _worker(settings: Settings) -> None:
     """A worker's life, in its own process: a fresh signal policy, its own socket. A second
     Ctrl-C (the terminal sends it to every process of the group) ends it quietly."""
-    with Stop().installed() as stop:
+    # Outermost: a second Ctrl-C may land anywhere, the restoring of the handlers included.
+    with contextlib.suppress(KeyboardInterrupt), Stop().installed() as stop:
         sock = bind(settings, reuse_port=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_server(settings, sock, stop))
+        asyncio.run(run_server(settings, sock, stop))
 
 
 def use_event_loop(choice: str) -> None:
