@@ -274,6 +274,9 @@ class GuardedServer(web.Server):
             return True
         if handler.transport is not None:
             handler.transport.pause_reading()
+        # Its head is whole: aiohttp's header timeout (its keep-alive timer, which closes a
+        # connection whose request has not arrived) must not close it while it waits here.
+        handler.keep_alive(False)
         self._idle.pop(handler, None)
         self._waiting[handler] = data
         return False

@@ -325,3 +325,30 @@ async def test_an_http_1_0_client_reads_plain_frames_until_the_connection_closes
     assert data.startswith(b"data: ")
     assert json.loads(data[len(b"data: ") :]) == claimed(agent.workspace_id, owner)
     writer.close()
+
+
+async def test_a_connect_waiting_for_admission_outlives_the_header_timeout(
+    make_server: ServerFactory, sql: Sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection whose whole request head waits for a place (a storm longer than the
+    header timeout) is served when its turn comes, not closed unanswered."""
+    monkeypatch.setattr(connection, "MAX_IN_FLIGHT", 1)
+    client = await make_server(header_timeout=0.5)
+    first, second = await sql.prebuild("first"), await sql.prebuild("second")
+    inside, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(_workspace_id: uuid.UUID) -> None:
+        if not inside.is_set():
+            inside.set()
+            await release.wait()
+
+    client.app[ADMISSION].after_read = hold
+    opening = [asyncio.ensure_future(open_stream(client, a.token)) for a in (first, second)]
+    await asyncio.wait_for(inside.wait(), 5)
+    server = client.server.runner.server if client.server.runner else None
+    assert isinstance(server, connection.GuardedServer)
+    await until(lambda: server.waiting == 1, what="the second connect waits for a place")
+    await asyncio.sleep(1.5)  # three header timeouts
+    release.set()
+    streams = await asyncio.wait_for(asyncio.gather(*opening), 10)
+    assert len(streams) == 2
