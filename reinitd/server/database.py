@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import urllib.parse
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Final, TypeVar
 
 import asyncpg
@@ -81,6 +81,22 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
     except CONNECTION_ERRORS as exc:
         raise DatabaseUnavailableError(describe(exc, dsn, timeout)) from None
     return conn
+
+
+@contextlib.asynccontextmanager
+async def pooled(
+    pool: asyncpg.Pool, within: float
+) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+    """A pooled connection, waited for at most `within` seconds (its queries are bounded by
+    the pool's `command_timeout`). One whose query timed out is closed, not given back: before
+    it could be reused, asyncpg would wait for its cancel request, which a host that drops
+    packets holds as long again."""
+    async with pool.acquire(timeout=within) as conn:
+        try:
+            yield conn
+        except TimeoutError:
+            conn.terminate()
+            raise
 
 
 T = TypeVar("T")

@@ -8,6 +8,7 @@ import contextlib
 import signal
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -421,3 +422,67 @@ async def test_readyz_has_its_own_connection_when_the_pool_is_exhausted(client: 
     finally:
         for conn in held:
             await pool.release(conn)
+
+
+UNAVAILABLE = {
+    "message": "Service unavailable.",
+    "detail": "The database does not answer; retry shortly (open streams are kept).",
+}
+
+
+async def test_a_partition_gets_503_within_the_query_timeout_and_loses_no_claim(
+    make_server: ServerFactory, proxy: TcpProxy, sql: Sql
+) -> None:
+    """A partition (nothing forwarded, every socket left open, as with a host that drops
+    packets): a connect gets 503 within the query timeout, not after TCP gives up, and a claim
+    made meanwhile reaches the waiting agent once new connections go through (the listener
+    reconnects; the resync's read that takes a dead pooled connection times out, is retried)."""
+    client = await make_server(
+        database_url=proxy.url,
+        listen_database_url=proxy.url,
+        query_timeout=1.0,
+        connect_timeout=1.0,
+    )
+    agent, other = await sql.prebuild(), await sql.prebuild()
+    stream = await open_stream(client, agent.token)
+    proxy.freeze()
+    started = time.monotonic()
+    async with asyncio.timeout(10):
+        response = await client.get(
+            REINIT, params={"wait": "true"}, headers={"Coder-Session-Token": other.token}
+        )
+    assert response.status == 503
+    assert time.monotonic() - started < 1.8
+    assert response.headers["Retry-After"] == "5"
+    assert await response.json() == UNAVAILABLE
+    owner = await sql.user()
+    await sql.claim(agent.workspace_id, owner)  # its NOTIFY reaches no listener
+    proxy.thaw()
+    assert (await stream.event(timeout=15)).data == claimed(agent.workspace_id, owner)
+
+
+async def test_a_doorbell_read_on_a_partitioned_connection_is_retried(
+    make_server: ServerFactory, proxy: TcpProxy, sql: Sql, database_url: str
+) -> None:
+    """The listener hears a claim, but the pooled connection its read takes is partitioned:
+    the read times out, the doorbell is kept (no traceback: the database is away) and read
+    again on a fresh connection."""
+    client = await make_server(
+        database_url=proxy.url,
+        listen_database_url=database_url,
+        query_timeout=1.0,
+        connect_timeout=1.0,
+    )
+    agent = await sql.prebuild()
+    stream = await open_stream(client, agent.token)
+    notified = sample("reinitd_events_delivered_total", path="notify")
+    proxy.freeze()
+    owner = await sql.user()
+    with structlog.testing.capture_logs() as logs:
+        await sql.claim(agent.workspace_id, owner)
+        proxy.thaw()  # too late for the pooled connections: they stay silent
+        assert (await stream.event(timeout=15)).data == claimed(agent.workspace_id, owner)
+    assert sample("reinitd_events_delivered_total", path="notify") == notified + 1
+    events = [entry["event"] for entry in logs]
+    assert "read_failed" in events
+    assert "read_error" not in events
