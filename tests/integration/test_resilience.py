@@ -9,6 +9,7 @@ import signal
 import socket
 import struct
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from tests.support import (
     Stream,
     claimed,
     get_reinit,
+    login_role,
     open_stream,
     sample,
     server_process,
@@ -486,3 +488,33 @@ async def test_a_doorbell_read_on_a_partitioned_connection_is_retried(
     events = [entry["event"] for entry in logs]
     assert "read_failed" in events
     assert "read_error" not in events
+
+
+async def test_a_query_postgresql_refuses_is_a_500_with_its_traceback_not_a_503(
+    make_server: ServerFactory, sql: Sql, conn: asyncpg.Connection, postgres: Cluster
+) -> None:
+    """A missing grant (the server's role may resolve tokens but not read claim_state) is a
+    misconfiguration, not an outage: a connect gets 500 with its traceback logged, never
+    `503 The database does not answer`, and a doorbell read refused the same way logs its
+    traceback too."""
+    url = await login_role(conn, postgres, "ungranted")
+    role = urllib.parse.urlsplit(url).username
+    for grant in (
+        "GRANT USAGE ON SCHEMA reinitd TO %I",
+        "GRANT EXECUTE ON FUNCTION reinitd.agent_by_token_hash(bytea) TO %I",
+    ):
+        await conn.execute(await conn.fetchval("SELECT format($1, $2::text)", grant, role))
+    client = await make_server(database_url=url)
+    agent = await sql.prebuild()
+    await open_stream(client, agent.token, wait=False)  # the token lookup alone: allowed
+    with structlog.testing.capture_logs() as logs:
+        response = await client.get(
+            REINIT, params={"wait": "true"}, headers={"Coder-Session-Token": agent.token}
+        )
+        await sql.notify(str(agent.workspace_id))  # its read needs claim_state too
+        await until(lambda: any(entry["event"] == "read_error" for entry in logs))
+    assert response.status == 500
+    assert (await response.json())["message"] == "Internal server error."
+    errors = {entry["event"] for entry in logs if entry.get("exc_info")}
+    assert {"request_failed", "read_error"} <= errors
+    assert "database_unavailable" not in {entry["event"] for entry in logs}

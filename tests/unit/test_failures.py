@@ -44,6 +44,7 @@ def test_a_client_gone_is_499_and_not_an_error() -> None:
     "exc",
     [
         asyncpg.ConnectionDoesNotExistError("gone"),
+        asyncpg.CannotConnectNowError("the database system is shutting down"),
         ConnectionRefusedError(111, "refused"),
         TimeoutError(),
     ],
