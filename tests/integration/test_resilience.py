@@ -10,7 +10,8 @@ import socket
 import struct
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ import asyncpg
 import pytest
 import structlog
 
+from reinitd.server import doorbell as doorbell_module
+from reinitd.server.claim import Verdict
 from reinitd.server.embedded import Cluster
-from reinitd.server.keys import HUB, LISTENER, POOL, READINESS
+from reinitd.server.keys import DOORBELL, HUB, LISTENER, POOL, READINESS
 from reinitd.server.listener import Listener, Notifier
 from reinitd.server.router import Router
 from tests.proxy import TcpProxy
@@ -518,3 +521,37 @@ async def test_a_query_postgresql_refuses_is_a_500_with_its_traceback_not_a_503(
     errors = {entry["event"] for entry in logs if entry.get("exc_info")}
     assert {"request_failed", "read_error"} <= errors
     assert "database_unavailable" not in {entry["event"] for entry in logs}
+
+
+async def test_a_flapping_listener_still_gets_every_workspace_resynced(
+    make_server: ServerFactory,
+    proxy: TcpProxy,
+    sql: Sql,
+    conn: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A claim whose NOTIFY was lost, for the oldest of several waiting workspaces, while the
+    listener keeps reconnecting (a resync asked for during every read of one workspace): each
+    resync resumes with what the last one had not read, so the oldest is read too."""
+    monkeypatch.setattr(doorbell_module, "RESYNC_CHUNK", 1)
+    client = await proxied_server(make_server, proxy)
+    agents = [await sql.prebuild() for _ in range(4)]
+    streams = [await open_stream(client, agent.token) for agent in agents]
+    doorbell, listener = client.app[DOORBELL], client.app[LISTENER]
+    read = doorbell._read_verdicts
+
+    async def flapping(workspace_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Verdict]:
+        doorbell.ring_all()  # what the listener does after every reconnect
+        return await read(workspace_ids)
+
+    proxy.refuse = True  # hold the reconnect until the claim has been committed
+    assert listener.connection is not None
+    await conn.fetchval("SELECT pg_terminate_backend($1)", listener.connection.get_server_pid())
+    await until(lambda: not listener.connected, what="listener noticed the kill")
+    owner = await sql.user()
+    await sql.claim(agents[0].workspace_id, owner)  # announced to nobody
+    monkeypatch.setattr(doorbell, "_read_verdicts", flapping)
+    proxy.refuse = False
+    frame = await streams[0].event(timeout=10)
+    monkeypatch.setattr(doorbell, "_read_verdicts", read)
+    assert frame.data == claimed(agents[0].workspace_id, owner)
