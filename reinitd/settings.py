@@ -268,6 +268,16 @@ SERVE: tuple[Option, ...] = (
         metavar="SECONDS",
     ),
     Option(
+        "query_timeout",
+        "REINITD_QUERY_TIMEOUT",
+        10.0,
+        "seconds a query may wait for a pooled connection, and then for its answer, before the "
+        "database counts as unavailable (a request gets 503, a read is retried): a host that "
+        "drops packets must not hold them until TCP gives up",
+        positive_number,
+        metavar="SECONDS",
+    ),
+    Option(
         "shutdown_timeout",
         "REINITD_SHUTDOWN_TIMEOUT",
         5.0,
@@ -411,6 +421,7 @@ class Settings:
     workers: int
     event_loop: str
     connect_timeout: float
+    query_timeout: float
     shutdown_timeout: float
     log_level: str
     log_format: str

@@ -39,11 +39,16 @@ class TcpProxy:
     - `refuse = True`: new connections are closed at once (the server is "unreachable").
     - `drop_all()`: every open connection is reset (a network blip, a killed backend).
     - `blackhole_all()`: open connections stay up but carry nothing (dead but quiet).
+    - `freeze()`: a partition: open connections carry nothing, and neither do those opened
+      until `thaw()`; their sockets stay open, so nothing tells the client. After `thaw()` new
+      connections go through, while those of the partition stay silent, as connections to a
+      host that failed over do (only a timeout frees whoever waits on one).
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.refuse = False
+        self.frozen = False
         self.links: set[_Link] = set()
         self.accepted = 0
         self.url = ""  # a database URL through this proxy, set by whoever knows the target
@@ -70,6 +75,7 @@ class TcpProxy:
             return
         self.accepted += 1
         link = _Link(writer, up_writer)
+        link.blackholed = self.frozen
         self.links.add(link)
         link.tasks = [
             asyncio.create_task(link.pump(reader, up_writer)),
@@ -87,6 +93,13 @@ class TcpProxy:
     def blackhole_all(self) -> None:
         for link in self.links:
             link.blackholed = True
+
+    def freeze(self) -> None:
+        self.frozen = True
+        self.blackhole_all()
+
+    def thaw(self) -> None:
+        self.frozen = False
 
     async def close(self) -> None:
         self.drop_all()

@@ -13,7 +13,7 @@ import structlog
 from reinitd.errors import ApiError
 from reinitd.server import metrics
 from reinitd.server.claim import WAIT, Verdict, judge
-from reinitd.server.database import uncancelled
+from reinitd.server.database import pooled, uncancelled
 from reinitd.server.doorbell import Doorbell
 from reinitd.server.hub import Hub, Subscription
 from reinitd.server.query import QUERIES
@@ -107,8 +107,10 @@ class Admission:
         *,
         max_streams: int,
         max_streams_per_agent: int,
+        query_timeout: float,
     ) -> None:
         self._pool = pool
+        self.query_timeout = query_timeout
         self._hub = hub
         self._doorbell = doorbell
         self.max_streams = max_streams
@@ -178,7 +180,7 @@ class Admission:
         try:
             mark = self._doorbell.mark()
             started = time.perf_counter()
-            async with self._pool.acquire() as conn:
+            async with pooled(self._pool, self.query_timeout) as conn:
                 query = QUERIES["admit" if wait else "agent_by_token_hash"]
                 row = await uncancelled(conn.fetchrow(query, token_hash))
             if row is None:

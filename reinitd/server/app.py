@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -13,9 +13,9 @@ from aiohttp import web
 
 from reinitd.server import handler
 from reinitd.server.admission import Admission
-from reinitd.server.claim import read_verdicts
+from reinitd.server.claim import Verdict, read_verdicts
 from reinitd.server.connection import Runner, fit
-from reinitd.server.database import statement_cache_size
+from reinitd.server.database import pooled, statement_cache_size
 from reinitd.server.doorbell import CHANNEL, Doorbell
 from reinitd.server.hub import Hub
 from reinitd.server.keys import (
@@ -54,6 +54,7 @@ async def _pool(app: web.Application) -> AsyncIterator[None]:
         server_settings={"application_name": "reinitd"},
         reset=_no_reset,
         timeout=settings.connect_timeout,
+        command_timeout=settings.query_timeout,
         statement_cache_size=statement_cache_size(settings.database_pooler),
     )
     yield
@@ -81,9 +82,12 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
     """The listener, the router behind it, the doorbell's batched reads and the pings."""
     settings, hub = app[SETTINGS], app[HUB]
     pool = app[POOL]
-    doorbell = Doorbell(
-        functools.partial(read_verdicts, pool), hub, resync_interval=settings.resync_interval
-    )
+
+    async def read(workspace_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Verdict]:
+        async with pooled(pool, settings.query_timeout) as conn:
+            return await read_verdicts(conn, workspace_ids)
+
+    doorbell = Doorbell(read, hub, resync_interval=settings.resync_interval)
     router = Router({CHANNEL: doorbell.on_payload})
     notifier = Notifier(settings.dsn, timeout=settings.probe_timeout)
     listener = Listener(
@@ -103,6 +107,7 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
         doorbell,
         max_streams=settings.max_streams or 0,
         max_streams_per_agent=settings.max_streams_per_agent,
+        query_timeout=settings.query_timeout,
     )
     app[DOORBELL], app[LISTENER], app[READINESS] = doorbell, listener, readiness
     tasks = {

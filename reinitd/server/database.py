@@ -7,22 +7,29 @@ import asyncio
 import contextlib
 import logging
 import urllib.parse
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Final, TypeVar
 
 import asyncpg
 
 from reinitd.errors import DatabaseUnavailableError, ReinitdError
 
-# Failures a dead or unreachable database shows up as; with a multi-host URL, also every host
-# answering while none is what target_session_attrs asks for (no writable primary yet).
+# Failures a dead, unreachable or restarting database shows up as: a request gets 503, a read
+# is retried quietly. Any other error (a missing grant, a broken query) is a bug or a
+# misconfiguration: a 500, or a retry, each with its traceback.
 CONNECTION_ERRORS: Final = (
     OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
+    TimeoutError,  # no answer within the connect or query timeout
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.OperatorInterventionError,  # class 57: shutting down, starting up, cancelled
+    asyncpg.InterfaceError,  # the connection closed under us
+    # A multi-host URL whose hosts all answer, none of them what target_session_attrs asks
+    # for (no writable primary yet, mid-failover).
     asyncpg.TargetServerAttributeNotMatched,
 )
+# What connecting (or starting) may fail with: those, or PostgreSQL refusing us (the login,
+# the database name).
+CONNECT_ERRORS: Final = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 # A server that accepts TCP but never answers must not hold a start or a reconnect for long.
 CONNECT_TIMEOUT: Final = 10.0
 # asyncpg's default: each connection prepares a statement once, by name, and reuses it.
@@ -78,9 +85,25 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
         conn: asyncpg.Connection = await asyncpg.connect(dsn, timeout=timeout, **kwargs)
     except ValueError as exc:  # asyncpg's word for a URL it cannot parse
         raise DatabaseUnavailableError(f"invalid database URL {where(dsn)}: {exc}") from None
-    except CONNECTION_ERRORS as exc:
+    except CONNECT_ERRORS as exc:
         raise DatabaseUnavailableError(describe(exc, dsn, timeout)) from None
     return conn
+
+
+@contextlib.asynccontextmanager
+async def pooled(
+    pool: asyncpg.Pool, within: float
+) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+    """A pooled connection, waited for at most `within` seconds (its queries are bounded by
+    the pool's `command_timeout`). One whose query timed out is closed, not given back: before
+    it could be reused, asyncpg would wait for its cancel request, which a host that drops
+    packets holds as long again."""
+    async with pool.acquire(timeout=within) as conn:
+        try:
+            yield conn
+        except TimeoutError:
+            conn.terminate()
+            raise
 
 
 T = TypeVar("T")

@@ -90,8 +90,9 @@ class Doorbell:
         self.retry_floor = retry_floor
         self._hub = hub
         self.resync_interval = resync_interval
-        # Rung workspaces and when the first NOTIFY for each arrived (for the latency metric).
-        self._rung: dict[uuid.UUID, float] = {}
+        # Rung workspaces and when the first NOTIFY for each arrived (for the latency metric),
+        # or None for a re-read that no NOTIFY asked for (a catch-up).
+        self._rung: dict[uuid.UUID, float | None] = {}
         self._resync_asked = False
         self._resync: list[uuid.UUID] = []  # what the resync under way still has to read
         self._resync_started = 0.0
@@ -128,13 +129,21 @@ class Doorbell:
         self._recent.append(workspace_id)
         self.ring(workspace_id, received_at)
 
-    def ring(self, workspace_id: uuid.UUID, received_at: float = 0.0) -> None:
-        """Look at `workspace_id` soon, for every stream waiting on it here."""
+    def ring(self, workspace_id: uuid.UUID, received_at: float | None = None) -> None:
+        """Look at `workspace_id` soon, for every stream waiting on it here: for a NOTIFY the
+        listener received at `received_at`, or, with None, to re-read it as a resync does (no
+        doorbell is counted, and streams without `wait` get nothing from it)."""
         if workspace_id not in self._hub:
-            _OUTCOMES["no_waiters"].inc()  # nobody here to tell: nothing to read
+            if received_at is not None:
+                _OUTCOMES["no_waiters"].inc()  # nobody here to tell: nothing to read
             return
-        self._rung.setdefault(workspace_id, received_at)
+        self._queue(workspace_id, received_at)
         self._wake_up()
+
+    def _queue(self, workspace_id: uuid.UUID, received_at: float | None) -> None:
+        # A NOTIFY's receipt wins over a re-read; of several NOTIFYs, the one queued first.
+        if self._rung.get(workspace_id) is None:
+            self._rung[workspace_id] = received_at
 
     def ring_all(self) -> None:
         """Re-read every workspace a `wait=true` stream waits on (NOTIFYs may have been lost)."""
@@ -147,13 +156,14 @@ class Doorbell:
         return (self._heard, self._resyncs)
 
     def catch_up(self, mark: tuple[int, int], workspace_id: uuid.UUID) -> None:
-        """Ring `workspace_id` again if a doorbell for it, or a resync, came after `mark`.
+        """Re-read `workspace_id` if a doorbell for it, or a resync, came after `mark`.
 
         A connect reads its workspace's builds with its token lookup (one round trip), and only
         then registers. A claim committed after that read rings after its commit: either once
         the stream is registered (the doorbell finds it), or in between — then its doorbell is
-        among those heard since the mark, and this rings it again. A NOTIFY lost to a
-        reconnect in between is covered by that reconnect's resync being counted."""
+        among those heard since the mark, and this reads it again. A NOTIFY lost to a
+        reconnect in between is covered by that reconnect's resync being counted. The re-read
+        is no NOTIFY (that one was counted when it rang): it has a resync's semantics."""
         heard, resyncs = mark
         missed = self._heard - heard
         if (
@@ -161,7 +171,7 @@ class Doorbell:
             or missed > len(self._recent)
             or workspace_id in itertools.islice(reversed(self._recent), missed)
         ):
-            self.ring(workspace_id)
+            self.ring(workspace_id, None)
 
     def _wake_up(self) -> None:
         self._idle.clear()
@@ -186,7 +196,12 @@ class Doorbell:
                     self._resync_asked = True  # the safety net
             if self._resync_asked:
                 self._resync_asked = False
-                self._resync = self._hub.waiting_workspaces()
+                # Every waiting workspace, but what the resync under way has not read yet
+                # first (the list is read from its end): a listener that keeps reconnecting
+                # must not keep some workspaces from ever being read.
+                left = set(self._resync)
+                fresh = [ws for ws in self._hub.waiting_workspaces() if ws not in left]
+                self._resync = fresh + self._resync
                 self._resync_size, self._resync_settled = len(self._resync), 0
                 self._resync_started = time.monotonic()
                 next_resync = self._resync_started + self.resync_interval
@@ -219,7 +234,7 @@ class Doorbell:
                 await self._read(list(rung), rung)
             except BaseException:
                 for workspace_id, received_at in rung.items():
-                    self._rung.setdefault(workspace_id, received_at)
+                    self._queue(workspace_id, received_at)
                 raise
         elif self._resync:
             chunk = self._resync[-RESYNC_CHUNK:]
@@ -238,7 +253,9 @@ class Doorbell:
                     duration_s=round(time.monotonic() - self._resync_started, 4),
                 )
 
-    async def _read(self, workspace_ids: list[uuid.UUID], rung: dict[uuid.UUID, float]) -> None:
+    async def _read(
+        self, workspace_ids: list[uuid.UUID], rung: dict[uuid.UUID, float | None]
+    ) -> None:
         ids = [ws for ws in workspace_ids if ws in self._hub]  # streams may have left meanwhile
         if not ids:
             return
@@ -248,7 +265,7 @@ class Doorbell:
         metrics.READ_SECONDS.observe(time.monotonic() - started)
         for workspace_id, verdict in verdicts.items():
             received_at = rung.get(workspace_id)
-            if received_at is None:  # found by the resync, not by a NOTIFY
+            if received_at is None:  # a resync or a catch-up, not a NOTIFY
                 self._resync_settled += self._hub.settle(workspace_id, verdict, "resync")
             else:
                 self._hub.settle(workspace_id, verdict, "notify", received_at)

@@ -15,7 +15,7 @@ import structlog
 from reinitd.backoff import backoff_delay
 from reinitd.errors import EchoFailed
 from reinitd.server import metrics
-from reinitd.server.database import CONNECT_TIMEOUT, CONNECTION_ERRORS
+from reinitd.server.database import CONNECT_ERRORS, CONNECT_TIMEOUT, CONNECTION_ERRORS
 from reinitd.server.query import QUERIES
 from reinitd.server.router import Router
 
@@ -191,7 +191,7 @@ class Listener:
                     # which a pooler in its way would break (it is then found deaf instead).
                     statement_cache_size=0,
                 )
-            except CONNECTION_ERRORS as exc:
+            except CONNECT_ERRORS as exc:
                 attempt += 1
                 delay = backoff_delay(attempt, self.backoff_floor, self.backoff_ceiling)
                 level = log.warning if attempt < WARN_ATTEMPTS else log.error

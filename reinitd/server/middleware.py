@@ -12,7 +12,7 @@ from aiohttp.typedefs import Handler
 from reinitd.errors import ApiError
 from reinitd.server import database, metrics
 from reinitd.server.database import CONNECTION_ERRORS
-from reinitd.server.keys import REFUSALS, REQUEST_ID
+from reinitd.server.keys import REFUSALS, REQUEST_ID, SETTINGS
 from reinitd.server.throttle import LogThrottle
 
 log = structlog.get_logger("reinitd.http")
@@ -68,7 +68,7 @@ def _failure(request: web.Request, exc: Exception, request_id: str) -> web.Respo
         if suppressed is not None:
             log.warning(
                 "database_unavailable",
-                error=database.describe(exc),
+                error=database.describe(exc, timeout=request.app[SETTINGS].query_timeout),
                 suppressed=suppressed,
             )
         request.app[REFUSALS].refuse("database_unavailable", 503, type(exc).__name__)

@@ -206,7 +206,7 @@ def main(command: str, values: dict[str, Any]) -> int:
         except KeyboardInterrupt:
             print("reinitd: interrupted", file=sys.stderr)
             return 130
-        except (ReinitdError, *database.CONNECTION_ERRORS) as exc:
+        except (ReinitdError, *database.CONNECT_ERRORS) as exc:
             if stop.signal is not None:
                 print("reinitd: interrupted", file=sys.stderr)
                 return 0

@@ -13,6 +13,7 @@ import pytest
 import structlog
 
 from reinitd.server.embedded import Cluster
+from reinitd.server.keys import ADMISSION, LISTENER
 from tests.support import (
     REINIT,
     Client,
@@ -22,6 +23,7 @@ from tests.support import (
     open_stream,
     sample,
     settle,
+    until,
 )
 
 
@@ -176,3 +178,27 @@ async def test_a_transaction_of_claims_is_read_in_batches(
     for stream in streams:
         assert (await stream.event()).data is not None
     assert sample("reinitd_reads_total", outcome="ok") - reads <= 30
+
+
+async def test_a_connect_overlapping_a_listener_reconnect_rings_no_forged_doorbell(
+    client: Client, sql: Sql, conn: asyncpg.Connection
+) -> None:
+    """The listener reconnects between a connect's read and its registration: the catch-up
+    re-reads the workspace as a resync does, not as a NOTIFY, so no doorbell the database
+    does not back is counted or logged."""
+    agent = await sql.prebuild()
+    listener = client.app[LISTENER]
+
+    async def reconnect_listener(_workspace_id: uuid.UUID) -> None:
+        old = listener.connection
+        assert old is not None
+        await conn.fetchval("SELECT pg_terminate_backend($1)", old.get_server_pid())
+        await until(lambda: listener.connection not in (None, old), timeout=10)
+
+    client.app[ADMISSION].after_read = reconnect_listener
+    before = unconfirmed()
+    with structlog.testing.capture_logs() as logs:
+        await open_stream(client, agent.token)
+        await settle(client)
+    assert unconfirmed() == before
+    assert "doorbell_unconfirmed" not in [entry["event"] for entry in logs]

@@ -8,7 +8,10 @@ import contextlib
 import signal
 import socket
 import struct
-from collections.abc import AsyncIterator
+import time
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +20,10 @@ import asyncpg
 import pytest
 import structlog
 
+from reinitd.server import doorbell as doorbell_module
+from reinitd.server.claim import Verdict
 from reinitd.server.embedded import Cluster
-from reinitd.server.keys import HUB, LISTENER, POOL, READINESS
+from reinitd.server.keys import DOORBELL, HUB, LISTENER, POOL, READINESS
 from reinitd.server.listener import Listener, Notifier
 from reinitd.server.router import Router
 from tests.proxy import TcpProxy
@@ -30,6 +35,7 @@ from tests.support import (
     Stream,
     claimed,
     get_reinit,
+    login_role,
     open_stream,
     sample,
     server_process,
@@ -421,3 +427,131 @@ async def test_readyz_has_its_own_connection_when_the_pool_is_exhausted(client: 
     finally:
         for conn in held:
             await pool.release(conn)
+
+
+UNAVAILABLE = {
+    "message": "Service unavailable.",
+    "detail": "The database does not answer; retry shortly (open streams are kept).",
+}
+
+
+async def test_a_partition_gets_503_within_the_query_timeout_and_loses_no_claim(
+    make_server: ServerFactory, proxy: TcpProxy, sql: Sql
+) -> None:
+    """A partition (nothing forwarded, every socket left open, as with a host that drops
+    packets): a connect gets 503 within the query timeout, not after TCP gives up, and a claim
+    made meanwhile reaches the waiting agent once new connections go through (the listener
+    reconnects; the resync's read that takes a dead pooled connection times out, is retried)."""
+    client = await make_server(
+        database_url=proxy.url,
+        listen_database_url=proxy.url,
+        query_timeout=1.0,
+        connect_timeout=1.0,
+    )
+    agent, other = await sql.prebuild(), await sql.prebuild()
+    stream = await open_stream(client, agent.token)
+    proxy.freeze()
+    started = time.monotonic()
+    async with asyncio.timeout(10):
+        response = await client.get(
+            REINIT, params={"wait": "true"}, headers={"Coder-Session-Token": other.token}
+        )
+    assert response.status == 503
+    assert time.monotonic() - started < 1.8
+    assert response.headers["Retry-After"] == "5"
+    assert await response.json() == UNAVAILABLE
+    owner = await sql.user()
+    await sql.claim(agent.workspace_id, owner)  # its NOTIFY reaches no listener
+    proxy.thaw()
+    assert (await stream.event(timeout=15)).data == claimed(agent.workspace_id, owner)
+
+
+async def test_a_doorbell_read_on_a_partitioned_connection_is_retried(
+    make_server: ServerFactory, proxy: TcpProxy, sql: Sql, database_url: str
+) -> None:
+    """The listener hears a claim, but the pooled connection its read takes is partitioned:
+    the read times out, the doorbell is kept (no traceback: the database is away) and read
+    again on a fresh connection."""
+    client = await make_server(
+        database_url=proxy.url,
+        listen_database_url=database_url,
+        query_timeout=1.0,
+        connect_timeout=1.0,
+    )
+    agent = await sql.prebuild()
+    stream = await open_stream(client, agent.token)
+    notified = sample("reinitd_events_delivered_total", path="notify")
+    proxy.freeze()
+    owner = await sql.user()
+    with structlog.testing.capture_logs() as logs:
+        await sql.claim(agent.workspace_id, owner)
+        proxy.thaw()  # too late for the pooled connections: they stay silent
+        assert (await stream.event(timeout=15)).data == claimed(agent.workspace_id, owner)
+    assert sample("reinitd_events_delivered_total", path="notify") == notified + 1
+    events = [entry["event"] for entry in logs]
+    assert "read_failed" in events
+    assert "read_error" not in events
+
+
+async def test_a_query_postgresql_refuses_is_a_500_with_its_traceback_not_a_503(
+    make_server: ServerFactory, sql: Sql, conn: asyncpg.Connection, postgres: Cluster
+) -> None:
+    """A missing grant (the server's role may resolve tokens but not read claim_state) is a
+    misconfiguration, not an outage: a connect gets 500 with its traceback logged, never
+    `503 The database does not answer`, and a doorbell read refused the same way logs its
+    traceback too."""
+    url = await login_role(conn, postgres, "ungranted")
+    role = urllib.parse.urlsplit(url).username
+    for grant in (
+        "GRANT USAGE ON SCHEMA reinitd TO %I",
+        "GRANT EXECUTE ON FUNCTION reinitd.agent_by_token_hash(bytea) TO %I",
+    ):
+        await conn.execute(await conn.fetchval("SELECT format($1, $2::text)", grant, role))
+    client = await make_server(database_url=url)
+    agent = await sql.prebuild()
+    await open_stream(client, agent.token, wait=False)  # the token lookup alone: allowed
+    with structlog.testing.capture_logs() as logs:
+        response = await client.get(
+            REINIT, params={"wait": "true"}, headers={"Coder-Session-Token": agent.token}
+        )
+        await sql.notify(str(agent.workspace_id))  # its read needs claim_state too
+        await until(lambda: any(entry["event"] == "read_error" for entry in logs))
+    assert response.status == 500
+    assert (await response.json())["message"] == "Internal server error."
+    errors = {entry["event"] for entry in logs if entry.get("exc_info")}
+    assert {"request_failed", "read_error"} <= errors
+    assert "database_unavailable" not in {entry["event"] for entry in logs}
+
+
+async def test_a_flapping_listener_still_gets_every_workspace_resynced(
+    make_server: ServerFactory,
+    proxy: TcpProxy,
+    sql: Sql,
+    conn: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A claim whose NOTIFY was lost, for the oldest of several waiting workspaces, while the
+    listener keeps reconnecting (a resync asked for during every read of one workspace): each
+    resync resumes with what the last one had not read, so the oldest is read too."""
+    monkeypatch.setattr(doorbell_module, "RESYNC_CHUNK", 1)
+    client = await proxied_server(make_server, proxy)
+    agents = [await sql.prebuild() for _ in range(4)]
+    streams = [await open_stream(client, agent.token) for agent in agents]
+    doorbell, listener = client.app[DOORBELL], client.app[LISTENER]
+    read = doorbell._read_verdicts
+
+    async def flapping(workspace_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Verdict]:
+        doorbell.ring_all()  # what the listener does after every reconnect
+        return await read(workspace_ids)
+
+    proxy.refuse = True  # hold the reconnect until the claim has been committed
+    assert listener.connection is not None
+    await conn.fetchval("SELECT pg_terminate_backend($1)", listener.connection.get_server_pid())
+    await until(lambda: not listener.connected, what="listener noticed the kill")
+    owner = await sql.user()
+    await sql.claim(agents[0].workspace_id, owner)  # announced to nobody
+    monkeypatch.setattr(doorbell, "_read_verdicts", flapping)
+    proxy.refuse = False
+    frame = await streams[0].event(timeout=10)
+    monkeypatch.setattr(doorbell, "_read_verdicts", read)
+    assert frame.data == claimed(agents[0].workspace_id, owner)

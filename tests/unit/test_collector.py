@@ -42,7 +42,9 @@ async def test_a_closed_stream_leaves_no_cycle_of_ours() -> None:
     """Stream, ticket and subscription of a stream that ended are freed by reference counting
     (frozen by the collector policy, a cycle among them would never be reclaimed)."""
     hub = Hub()
-    admission = Admission(mock.Mock(), hub, mock.Mock(), max_streams=10, max_streams_per_agent=10)
+    admission = Admission(
+        mock.Mock(), hub, mock.Mock(), max_streams=10, max_streams_per_agent=10, query_timeout=1
+    )
     ours, theirs = socket.socketpair()
     with cyclic_garbage() as garbage:
         loop = asyncio.get_running_loop()

@@ -240,3 +240,21 @@ async def test_a_connect_catches_up_after_a_reconnect_or_too_many_doorbells(
         doorbell.catch_up(flood, workspace_id)
         await asyncio.wait_for(doorbell.idle(), 5)
         assert database.reads == [[workspace_id], [workspace_id]]
+
+
+async def test_a_notify_queued_after_a_re_read_is_read_as_the_notify(
+    world: tuple[FakeDatabase, Hub, Doorbell],
+) -> None:
+    """A catch-up's re-read, then a NOTIFY for the same workspace before the read: it is read
+    as the NOTIFY, with its receipt time (the latency metric), so a stream without wait gets
+    the claim too; a re-read alone would not reach it."""
+    database, hub, doorbell = world
+    workspace_id = database.prebuild()
+    database.claim(workspace_id, uuid.uuid4())
+    with hub.subscribe(workspace_id, wait=False) as legacy:
+        doorbell.ring(workspace_id)  # a re-read: no NOTIFY
+        doorbell.on_payload(str(workspace_id), 5.0)
+        await asyncio.wait_for(doorbell.idle(), 5)
+        item = legacy._take()
+        assert isinstance(item, Delivery)
+        assert (item.source, item.received_at) == ("notify", 5.0)

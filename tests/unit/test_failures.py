@@ -12,15 +12,17 @@ from aiohttp.test_utils import make_mocked_request
 
 from reinitd.server import middleware
 from reinitd.server.connection import AcceptErrors
-from reinitd.server.keys import REFUSALS
+from reinitd.server.keys import REFUSALS, SETTINGS
 from reinitd.server.refusal import Refusals
 from reinitd.server.throttle import LogThrottle
+from reinitd.settings import serve_settings
 from tests.support import sample
 
 
 def request(*, closing: bool) -> web.Request:
     app = web.Application()
     app[REFUSALS] = Refusals()
+    app[SETTINGS] = serve_settings(database_url="postgresql://db/reinitd")
     transport = mock.Mock()
     transport.is_closing.return_value = closing
     return make_mocked_request(
@@ -42,6 +44,7 @@ def test_a_client_gone_is_499_and_not_an_error() -> None:
     "exc",
     [
         asyncpg.ConnectionDoesNotExistError("gone"),
+        asyncpg.CannotConnectNowError("the database system is shutting down"),
         ConnectionRefusedError(111, "refused"),
         TimeoutError(),
     ],
