@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sys
+import unittest.mock
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -378,6 +379,18 @@ async def login_role(
             )
         )
     return f"postgresql://{name}:{password}@127.0.0.1:{postgres.port}/reinitd"
+
+
+def bare_admission(hub: Hub) -> Admission:
+    """An Admission with no database behind it: for streams built by hand (attach_stream)."""
+    return Admission(
+        unittest.mock.Mock(),
+        hub,
+        unittest.mock.Mock(),
+        max_streams=10,
+        max_streams_per_agent=10,
+        query_timeout=1,
+    )
 
 
 def attach_stream(

@@ -34,13 +34,12 @@ from reinitd.server.collector import Collector
 from reinitd.server.connection import ACCEPT_BATCH, AcceptErrors, fit
 from reinitd.server.migration import migrate
 from reinitd.server.tasks import running
-from reinitd.server.workers import run_workers
+from reinitd.server.workers import STOP_SIGNALS, run_workers
 from reinitd.settings import SERVE, Settings, serve_settings
 
 log = structlog.get_logger("reinitd.server.serve")
 
 EMBEDDED_DIR = Path(".reinitd")
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Stop:
@@ -172,6 +171,8 @@ def _worker(settings: Settings) -> None:
     Ctrl-C (the terminal sends it to every process of the group) ends it quietly."""
     # Outermost: a second Ctrl-C may land anywhere, the restoring of the handlers included.
     with contextlib.suppress(KeyboardInterrupt), Stop().installed() as stop:
+        # Born with them blocked (run_workers): what came meanwhile is handled now, by `stop`.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         sock = bind(settings, reuse_port=True)
         asyncio.run(run_server(settings, sock, stop))
 

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("reinitd.server.workers")
 
+# The signals that ask a process to stop (serve.Stop is the policy for them).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 # A worker that ran this long before dying starts its next life with a short delay again.
 STABLE_AFTER = 60.0
 
@@ -44,7 +47,13 @@ def run_workers(settings: Settings, target: Callable[[], None], stop: Stop) -> i
 
     def start(slot: _Slot) -> int | None:
         process = context.Process(target=target, name=f"reinitd-worker-{slot.index}")
-        process.start()
+        # The child is born with the stop signals blocked, so that none lands in it before
+        # it installed its own policy (they wait, and it unblocks them: `unblock_stop_signals`).
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         slot.process, slot.started = process, time.monotonic()
         return process.pid
 

@@ -14,10 +14,9 @@ from unittest import mock
 import pytest
 
 from reinitd.server import collector as collector_module
-from reinitd.server.admission import Admission
 from reinitd.server.collector import Collector
 from reinitd.server.hub import End, Hub
-from tests.support import attach_stream, sample
+from tests.support import attach_stream, bare_admission, sample
 
 
 @contextlib.contextmanager
@@ -42,9 +41,7 @@ async def test_a_closed_stream_leaves_no_cycle_of_ours() -> None:
     """Stream, ticket and subscription of a stream that ended are freed by reference counting
     (frozen by the collector policy, a cycle among them would never be reclaimed)."""
     hub = Hub()
-    admission = Admission(
-        mock.Mock(), hub, mock.Mock(), max_streams=10, max_streams_per_agent=10, query_timeout=1
-    )
+    admission = bare_admission(hub)
     ours, theirs = socket.socketpair()
     with cyclic_garbage() as garbage:
         loop = asyncio.get_running_loop()

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from unittest import mock
 
-from reinitd.server.admission import Admission
 from reinitd.server.hub import End, Hub
-from tests.support import attach_stream
+from tests.support import attach_stream, bare_admission
 
 
 async def test_a_stream_ended_while_its_client_does_not_read_is_cut_off() -> None:
     """Ending a stream closes its connection, which waits for the buffer to drain: a client
     that never reads again is cut off when its write timeout runs out, and its slot freed."""
     hub = Hub()
-    admission = Admission(mock.Mock(), hub, mock.Mock(), max_streams=10, max_streams_per_agent=10)
+    admission = bare_admission(hub)
     ours, theirs = socket.socketpair()
     loop = asyncio.get_running_loop()
     transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
