@@ -24,9 +24,11 @@ psql: $(STAMP)
 	@test -f .reinitd/database_url || { echo "No embedded database yet: start it with 'make run'."; exit 1; }
 	"$$($(BIN)/python -c 'from reinitd.server.embedded import find_bindir; print(find_bindir())')/psql" "$$(cat .reinitd/database_url)" $(ARGS)
 
-## The whole test suite, against a PostgreSQL that the suite starts itself
+## The whole test suite, against a PostgreSQL that the suite starts itself (one per test
+## process; a test file's tests stay in one process). TEST_PROCESSES=0: one process, no xdist.
+TEST_PROCESSES ?= 2
 test: $(STAMP)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --numprocesses $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
 ## The unit tier alone: no PostgreSQL, a few seconds
 test-unit: $(STAMP)
