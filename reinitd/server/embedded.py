@@ -406,6 +406,9 @@ def ensure_cluster(root: Path, *, fsync: bool = True, port: int | None = None) -
     whenever that port is free: a leftover postmaster of a killed run is stopped first, so that
     it does not hold the port. A scratch folder of an interrupted initdb is discarded."""
     cluster = Cluster(root=root, bindir=find_bindir(), fsync=fsync)
+    port_file = root / "port"
+    remembered = int(port_file.read_text().strip() or 0) if port_file.is_file() else 0
+    cluster.port = remembered  # a leftover postmaster's, until one is picked below
     if not cluster.initialised():
         cluster.init()
     else:
@@ -414,11 +417,8 @@ def ensure_cluster(root: Path, *, fsync: bool = True, port: int | None = None) -
             log.info("postgres_stale_server", datadir=str(cluster.datadir))
             cluster.stop("immediate")
         cluster._secure()
-    port_file = root / "port"
-    if port is None and port_file.is_file():
-        remembered = int(port_file.read_text().strip() or 0)
-        if remembered and port_is_free(remembered):
-            port = remembered
+    if port is None and remembered and port_is_free(remembered):
+        port = remembered
     cluster.port = port or free_port()
     cluster.start()
     return cluster
