@@ -117,9 +117,14 @@ class LoadGens:
         return [gen.process.pid for gen in self.gens]
 
     async def open(
-        self, url: str, agents: Sequence[tuple[str, str]], limit: float = 120.0
+        self,
+        url: str,
+        agents: Sequence[tuple[str, str]],
+        limit: float = 120.0,
+        waiting: int | None = None,
     ) -> dict[str, Any]:
-        """Open every agent's `wait=true` stream at once, spread over the generators."""
+        """Open every agent's `wait=true` stream, spread over the generators: all at once, or
+        with at most `waiting` requests per generator awaiting their headers."""
         share = -(-len(agents) // len(self.gens))
         replies = await asyncio.gather(
             *(
@@ -129,6 +134,7 @@ class LoadGens:
                     agents=agents[i * share : (i + 1) * share],
                     sources=sources(gen.index, share),
                     timeout=limit,
+                    waiting=waiting,
                 )
                 for i, gen in enumerate(self.gens)
             )

@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 
 EVENT_MARK = b"event: data\n"
+CONNECT_BATCH = 200  # connects started per loop iteration
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
@@ -165,20 +166,31 @@ class LoadGen:
         agents: list[list[str]],
         sources: list[str],
         timeout: float = 120.0,  # noqa: ASYNC109 -- a command's bound, sent by the harness
+        waiting: int | None = None,
     ) -> dict[str, Any]:
+        """Open a `wait=true` stream per agent: all at once (a storm), or with at most
+        `waiting` requests awaiting their headers at a time (agents arriving steadily)."""
         host, port = _address(url)
         loop = asyncio.get_running_loop()
         started = time.monotonic()
+        paced = asyncio.Semaphore(waiting or len(agents) or 1)
 
         async def connect(i: int, token: str, workspace_id: str) -> None:
             request = (
                 f"GET /api/v2/workspaceagents/me/reinit?wait=true HTTP/1.1\r\n"
                 f"Host: {host}\r\nCoder-Session-Token: {token}\r\n\r\n"
             ).encode()
-            waiter = Waiter(request, workspace_id, time.monotonic(), self._one_done)
+            await paced.acquire()
+
+            def done() -> None:
+                paced.release()
+                self._one_done()
+
+            waiter = Waiter(request, workspace_id, time.monotonic(), done)
             try:
                 sock = _socket(sources[i % len(sources)])
             except OSError as exc:
+                paced.release()
                 self.errors.append(f"socket: {exc}")
                 return
             try:
@@ -186,6 +198,7 @@ class LoadGen:
                 await loop.create_connection(lambda: waiter, sock=sock)
             except OSError as exc:
                 sock.close()
+                paced.release()
                 self.errors.append(f"connect: {exc}")
                 return
             self.waiters.append(waiter)
@@ -200,7 +213,16 @@ class LoadGen:
                 finished.set()
 
         self._one_done = one_done
-        await asyncio.gather(*(connect(i, t, w) for i, (t, w) in enumerate(agents)))
+        # A real agent sends its request the moment its connection is up. Starting every
+        # connect in one loop iteration blocked this process for seconds (10 s for 19 000
+        # socket() and connect() calls on cores shared with the servers): connections the
+        # kernel had completed sat unwritten. So connects start a batch per iteration.
+        tasks: list[asyncio.Future[None]] = []
+        for start in range(0, len(agents), CONNECT_BATCH):
+            chunk = enumerate(agents[start : start + CONNECT_BATCH], start)
+            tasks += [asyncio.ensure_future(connect(i, t, w)) for i, (t, w) in chunk]
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
         batch = self.waiters[first:]
         pending[0] -= len(agents) - len(batch)  # connects that failed outright
         if pending[0] <= 0:
