@@ -21,8 +21,10 @@ import pytest
 import structlog
 
 from reinitd.errors import SettingError
+from reinitd.server.app import HOT_QUERIES
 from reinitd.server.database import STATEMENT_CACHE_SIZE, statement_cache_size
 from reinitd.server.embedded import Cluster, free_port
+from reinitd.server.keys import POOL
 from reinitd.settings import SERVE, resolve
 from tests.support import (
     REINIT,
@@ -134,6 +136,21 @@ def test_pooler_setting_chooses_the_statement_cache() -> None:
     assert statement_cache_size(chosen) == 0
     with pytest.raises(SettingError, match="REINITD_DATABASE_POOLER='pgbouncer': expected one of"):
         resolve(SERVE, {}, {"REINITD_DATABASE_POOLER": "pgbouncer"})
+
+
+@pytest.mark.parametrize(("pooler", "prepared"), [("none", 3), ("transaction", 0)])
+async def test_pooled_connections_come_with_the_hot_statements_prepared(
+    make_server: ServerFactory, pooler: str, prepared: int
+) -> None:
+    """Each pooled connection prepares the connect and claim-read statements when it opens
+    (the first claim read on it pays no Parse); behind a transaction pooler it prepares none."""
+    client = await make_server(database_pooler=pooler)
+    hot = [query for query, _ in HOT_QUERIES]
+    async with client.app[POOL].acquire() as conn:
+        found = await conn.fetchval(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement = ANY($1::text[])", hot
+        )
+    assert found == prepared
 
 
 async def test_a_hundred_agents_connect_at_once_through_pgbouncer(
