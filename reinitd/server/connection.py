@@ -41,6 +41,8 @@ MAX_IN_FLIGHT: Final = 64
 PROBES: Final = (b"GET /healthz", b"GET /readyz", b"GET /metrics")
 HEAD_END: Final = b"\r\n\r\n"
 
+# Marks a response made for a request the HTTP parser rejected.
+_REJECTED = "reinitd.rejected"
 _SHED = {reason: metrics.CONNECTIONS_CLOSED.labels(reason) for reason in metrics.CLOSE_REASONS}
 
 
@@ -113,8 +115,11 @@ class GuardedHandler(RequestHandler):
         self, request: web.BaseRequest, response: web.StreamResponse, time: float | None
     ) -> None:
         """aiohttp's call once a response is written: the connection is idle again, and the
-        place to let the next one in."""
-        super().log_access(request, response, time)
+        place to let the next one in. A request the parser rejected gets no access line: it is
+        counted and logged, at most once per interval, as a refusal (a flood of garbage must
+        not write a line per request)."""
+        if not response.get(_REJECTED, False):
+            super().log_access(request, response, time)
         if (server := self.server) is not None:
             server.answered(self)
 
@@ -165,6 +170,7 @@ class GuardedHandler(RequestHandler):
             text = "Bad request."
             detail = f"The HTTP request could not be parsed ({kind})."
         response = web.json_response({"message": text, "detail": detail}, status=status)
+        response[_REJECTED] = status < 500
         response.force_close()
         return response
 
