@@ -186,7 +186,7 @@ async def test_a_thousand_malformed_requests_cost_a_few_log_lines(served: Server
             return await exchange(served.port, f"BREW /{i} HTCPCP/1.0\r\n\x00\r\n\r\n".encode())
 
     replies = await asyncio.gather(*(one(i) for i in range(1000)))
-    assert all(reply.startswith(b"HTTP/1.1 400 ") for reply in replies)
+    assert {reply.split(b" ", 2)[1] for reply in replies} == {b"400"}
     await get_readyz(served)
     added = served.log_path.read_text().splitlines()[before:]
     refusals = [line for line in added if "request_refused" in line]
