@@ -42,7 +42,7 @@ PROBES: Final = (b"GET /healthz", b"GET /readyz", b"GET /metrics")
 HEAD_END: Final = b"\r\n\r\n"
 
 # Marks a response made for a request the HTTP parser rejected.
-_REJECTED = "reinitd.rejected"
+_REJECTED: Final = web.ResponseKey("reinitd_rejected", bool)
 _SHED = {reason: metrics.CONNECTIONS_CLOSED.labels(reason) for reason in metrics.CLOSE_REASONS}
 
 

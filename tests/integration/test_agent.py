@@ -21,6 +21,7 @@ from tests.support import (
     Client,
     ServerFactory,
     Sql,
+    claimed,
     reinitd_process,
     server_process,
     settle,
@@ -187,11 +188,7 @@ async def test_cli_once_prints_event_json(
         )
         stdout, stderr = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 0, stderr
-    assert json.loads(stdout) == {
-        "workspace_id": str(agent.workspace_id),
-        "reason": "prebuild_claimed",
-        "owner_id": str(owner),
-    }
+    assert json.loads(stdout) == claimed(agent.workspace_id, owner)
     assert agent.token not in stderr.decode()
 
 

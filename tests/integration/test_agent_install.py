@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Sql, server_process
+from tests.support import Sql, claimed, server_process
 
 REPO = Path(__file__).resolve().parents[2]
 # What pip says when it cannot reach a package index (no version at all of a package that
@@ -135,9 +135,5 @@ async def test_agent_install_gets_the_event_from_a_real_server(
         await sql.claim(agent.workspace_id, owner)
         stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, stderr
-    assert json.loads(stdout) == {
-        "workspace_id": str(agent.workspace_id),
-        "reason": "prebuild_claimed",
-        "owner_id": str(owner),
-    }
+    assert json.loads(stdout) == claimed(agent.workspace_id, owner)
     assert agent.token not in stderr.decode()
