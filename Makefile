@@ -22,7 +22,7 @@ run: $(STAMP)
 ## psql into the embedded PostgreSQL that `make run` started (its bundled psql, no system install)
 psql: $(STAMP)
 	@test -f .reinitd/database_url || { echo "No embedded database yet: start it with 'make run'."; exit 1; }
-	"$$($(BIN)/python -c 'from reinitd.server.embedded import find_bindir; print(find_bindir())')/psql" "$$(cat .reinitd/database_url)" $(ARGS)
+	@"$$($(BIN)/python -c 'from reinitd.server.embedded import find_bindir; print(find_bindir())')/psql" "$$(cat .reinitd/database_url)" $(ARGS)
 
 ## The whole test suite, against a PostgreSQL that the suite starts itself (one per test
 ## process; a test file's tests stay in one process). TEST_PROCESSES=0: one process, no xdist.

@@ -29,6 +29,9 @@ log = structlog.get_logger("reinitd.server.embedded")
 SUPERUSER = "postgres"
 # The login role `serve` runs under: a member of reinitd_server, never a superuser.
 SERVER_ROLE = "reinitd_srv"
+# Under the cluster's root: the owner's URL (migrations, `make psql`) and the server role's.
+OWNER_URL_FILE = "database_url"
+SERVER_URL_FILE = "server_database_url"
 # Unprivileged identity used when we are root and no user namespace can be made.
 FALLBACK_USER = "reinitd-pg"
 # Accepted only from 127.0.0.1 and ::1, with a password; no Unix socket at all.
@@ -145,11 +148,12 @@ def exclusive(root: Path) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            url_file = root / "database_url"
-            url = url_file.read_text().strip() if url_file.exists() else "its database"
+            url_file = root / SERVER_URL_FILE
+            url = url_file.read_text().strip() if url_file.exists() else "<its server URL>"
             raise EmbeddedError(
                 f"another `reinitd serve` is using the embedded PostgreSQL under {root}; stop "
-                f"it first, or share it: DATABASE_URL='{url}' reinitd serve --port …"
+                f"it first, or share its database on another port: DATABASE_URL='{url}' "
+                "REINITD_PORT=8081 make run"
             ) from None
         yield
 

@@ -64,8 +64,9 @@ async def stop(process: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
 async def test_embedded_postgres_is_created_reused_and_stopped(
     tmp_path: Path, start: Starter
 ) -> None:
-    """First start: initdb, DSN printed and written; a second serve is refused clearly;
-    stop: PostgreSQL stops too; next start reuses the cluster and its data."""
+    """First start: initdb, DSN printed and written; a second serve is refused clearly, naming
+    the server role's URL to share the database with; stop: PostgreSQL stops too; next start
+    reuses the cluster and its data."""
     os.chmod(tmp_path, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
     port = free_port()
     first = await start(tmp_path, port)
@@ -79,6 +80,15 @@ async def test_embedded_postgres_is_created_reused_and_stopped(
     _, refused = await asyncio.wait_for(second.communicate(), 30)
     assert second.returncode == 1
     assert b"another `reinitd serve` is using the embedded PostgreSQL" in refused
+    # ... and says how to share its database, as the server role, never as the superuser.
+    shared = refused.decode().split("DATABASE_URL='", 1)[1].split("'", 1)[0]
+    conn = await asyncpg.connect(shared)
+    role = await conn.fetchrow(
+        "SELECT current_user AS name, rolsuper FROM pg_roles WHERE rolname = current_user"
+    )
+    await conn.close()
+    assert role is not None
+    assert (role["name"], role["rolsuper"]) == ("reinitd_srv", False)
 
     _, stderr = await stop(first)
     assert f"psql '{dsn}'".encode() in stderr
