@@ -122,9 +122,11 @@ class LoadGens:
         agents: Sequence[tuple[str, str]],
         limit: float = 120.0,
         waiting: int | None = None,
+        retries: int = 0,
     ) -> dict[str, Any]:
         """Open every agent's `wait=true` stream, spread over the generators: all at once, or
-        with at most `waiting` requests per generator awaiting their headers."""
+        with at most `waiting` requests per generator awaiting their headers; an agent refused
+        with 503 tries again up to `retries` times."""
         share = -(-len(agents) // len(self.gens))
         replies = await asyncio.gather(
             *(
@@ -135,6 +137,7 @@ class LoadGens:
                     sources=sources(gen.index, share),
                     timeout=limit,
                     waiting=waiting,
+                    retries=retries,
                 )
                 for i, gen in enumerate(self.gens)
             )
@@ -143,6 +146,7 @@ class LoadGens:
             "requested": sum(r["requested"] for r in replies),
             "registered": sum(r["registered"] for r in replies),
             "errors": sum(r["errors"] for r in replies),
+            "retried": sum(r["retried"] for r in replies),
             "error_samples": [s for r in replies for s in r["error_samples"]][:5],
             "elapsed_s": max(r["started_at"] + r["elapsed_s"] for r in replies)
             - min(r["started_at"] for r in replies),

@@ -22,12 +22,14 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 import asyncpg
 
 EVENT_MARK = b"event: data\n"
 CONNECT_BATCH = 200  # connects started per loop iteration
+RETRY_DELAY = 0.5  # seconds before an agent refused with 503 tries again
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
@@ -52,6 +54,7 @@ class Waiter(asyncio.Protocol):
         "done",
         "event_at",
         "headers_at",
+        "refusal",
         "request",
         "started",
         "status",
@@ -71,7 +74,12 @@ class Waiter(asyncio.Protocol):
         self.headers_at = 0.0
         self.event_at = 0.0
         self.status = 0
+        self.refusal = ""
         self.closed = False
+
+    def __call__(self) -> Waiter:
+        """Its own protocol factory (for create_connection)."""
+        return self
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -87,6 +95,8 @@ class Waiter(asyncio.Protocol):
                 return
             self.headers_at = now
             self.status = int(self.buffer[9:12])
+            if self.status != 200:  # the refusal's JSON message, for the error samples
+                self.refusal = self.buffer[end + 4 : end + 200].decode(errors="replace")
             self.done()
             data = self.buffer[end + 4 :]
             self.buffer = b""
@@ -158,61 +168,63 @@ class LoadGen:
         self.errors: list[str] = []
         self.floor: dict[str, float] = {}
         self.listen_conn: asyncpg.Connection | None = None
-        self._one_done: Callable[[], None] = lambda: None
 
     async def open(
         self,
         url: str,
         agents: list[list[str]],
         sources: list[str],
+        *,
         timeout: float = 120.0,  # noqa: ASYNC109 -- a command's bound, sent by the harness
         waiting: int | None = None,
+        retries: int = 0,
     ) -> dict[str, Any]:
         """Open a `wait=true` stream per agent: all at once (a storm), or with at most
-        `waiting` requests awaiting their headers at a time (agents arriving steadily)."""
+        `waiting` requests awaiting their headers at a time (agents arriving steadily). An
+        agent refused with 503 (a server full) tries again, up to `retries` times, on a new
+        connection (which SO_REUSEPORT may hash to another worker), as a real agent would."""
         host, port = _address(url)
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         paced = asyncio.Semaphore(waiting or len(agents) or 1)
+        current: dict[int, Waiter] = {}
+        retried = [0]
 
         async def connect(i: int, token: str, workspace_id: str) -> None:
             request = (
                 f"GET /api/v2/workspaceagents/me/reinit?wait=true HTTP/1.1\r\n"
                 f"Host: {host}\r\nCoder-Session-Token: {token}\r\n\r\n"
             ).encode()
-            await paced.acquire()
+            for attempt in range(retries + 1):
+                async with paced:
+                    answered = loop.create_future()
 
-            def done() -> None:
-                paced.release()
-                self._one_done()
+                    def done(answered: asyncio.Future[None] = answered) -> None:
+                        if not answered.done():
+                            answered.set_result(None)
 
-            waiter = Waiter(request, workspace_id, time.monotonic(), done)
-            try:
-                sock = _socket(sources[i % len(sources)])
-            except OSError as exc:
-                paced.release()
-                self.errors.append(f"socket: {exc}")
-                return
-            try:
-                await loop.sock_connect(sock, (host, port))
-                await loop.create_connection(lambda: waiter, sock=sock)
-            except OSError as exc:
-                sock.close()
-                paced.release()
-                self.errors.append(f"connect: {exc}")
-                return
-            self.waiters.append(waiter)
+                    waiter = Waiter(request, workspace_id, time.monotonic(), done)
+                    try:
+                        sock = _socket(sources[i % len(sources)])
+                    except OSError as exc:
+                        self.errors.append(f"socket: {exc}")
+                        return
+                    try:
+                        await loop.sock_connect(sock, (host, port))
+                        await loop.create_connection(waiter, sock=sock)
+                    except OSError as exc:
+                        sock.close()
+                        self.errors.append(f"connect: {exc}")
+                        return
+                    current[i] = waiter
+                    await answered
+                if waiter.status != HTTPStatus.SERVICE_UNAVAILABLE or attempt == retries:
+                    return
+                retried[0] += 1
+                if waiter.transport is not None:
+                    waiter.transport.abort()
+                await asyncio.sleep(RETRY_DELAY)
 
-        first = len(self.waiters)
-        finished = asyncio.Event()
-        pending = [len(agents)]
-
-        def one_done() -> None:
-            pending[0] -= 1
-            if pending[0] <= 0:
-                finished.set()
-
-        self._one_done = one_done
         # A real agent sends its request the moment its connection is up. Starting every
         # connect in one loop iteration blocked this process for seconds (10 s for 19 000
         # socket() and connect() calls on cores shared with the servers): connections the
@@ -222,22 +234,24 @@ class LoadGen:
             chunk = enumerate(agents[start : start + CONNECT_BATCH], start)
             tasks += [asyncio.ensure_future(connect(i, t, w)) for i, (t, w) in chunk]
             await asyncio.sleep(0)
-        await asyncio.gather(*tasks)
-        batch = self.waiters[first:]
-        pending[0] -= len(agents) - len(batch)  # connects that failed outright
-        if pending[0] <= 0:
-            finished.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(finished.wait(), max(0.0, started + timeout - time.monotonic()))
+        _, unanswered = await asyncio.wait(
+            tasks, timeout=max(0.0, started + timeout - time.monotonic())
+        )
+        for task in unanswered:
+            task.cancel()
+        batch = list(current.values())
+        self.waiters.extend(batch)
         done = [w for w in batch if w.headers_at]
         ttfb = [w.headers_at - w.started for w in done]
         last = max((w.headers_at for w in done), default=started)
-        bad = [w for w in batch if not w.headers_at or w.status != 200]
+        bad = [w for w in batch if not w.headers_at or w.status != HTTPStatus.OK]
         return {
             "requested": len(agents),
-            "registered": sum(1 for w in done if w.status == 200),
+            "registered": sum(1 for w in done if w.status == HTTPStatus.OK),
             "errors": len(bad) + len(self.errors),
-            "error_samples": self.errors[:5] + [f"status {w.status}" for w in bad[:5]],
+            "error_samples": self.errors[:5]
+            + [f"status {w.status} {w.refusal}".strip() for w in bad[:5]],
+            "retried": retried[0],
             "elapsed_s": last - started,
             "ttfb_p50_s": _percentile(ttfb, 0.50),
             "ttfb_p99_s": _percentile(ttfb, 0.99),

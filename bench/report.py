@@ -31,9 +31,10 @@ class _Section:
 def _capacity(s: _Section) -> str:
     return (
         f"1. Capacity, {s.first('workers')} worker(s), {s.first('load_generators')} load "
-        f"generator(s), --max-streams {s.first('max_streams')}: {s('waiters', '{:.0f}')} "
-        f"streams ({s('waiters_per_worker', '{:.0f}')} per worker), errors "
-        f"{s('errors', '{:.0f}')}; memory per stream {s('rss_per_waiter_kb', '{:.2f}')} KB; "
+        f"generator(s): {s('waiters', '{:.0f}')} streams "
+        f"({s('waiters_per_worker', '{:.0f}')} per worker), errors {s('errors', '{:.0f}')}, "
+        f"{s('retried_after_503', '{:.0f}')} retried after a full worker's 503; memory per "
+        f"stream {s('rss_per_waiter_kb', '{:.2f}')} KB; "
         f"idle CPU {s('idle_cpu_percent', '{:.2f}')} % of a core with a ping every "
         f"{s.first('ping_interval_s'):g} s; /healthz at the limit p50 "
         f"{s('healthz_p50_ms', '{:.1f}')} ms, max {s('healthz_max_ms', '{:.1f}')} ms, "
