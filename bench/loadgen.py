@@ -29,7 +29,8 @@ import asyncpg
 
 EVENT_MARK = b"event: data\n"
 CONNECT_BATCH = 200  # connects started per loop iteration
-RETRY_DELAY = 0.5  # seconds before an agent refused with 503 tries again
+RETRY_DELAY = 0.5  # seconds before an agent refused by a full worker tries again
+FULL = "Too many open streams."  # that refusal's message
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
@@ -181,14 +182,15 @@ class LoadGen:
     ) -> dict[str, Any]:
         """Open a `wait=true` stream per agent: all at once (a storm), or with at most
         `waiting` requests awaiting their headers at a time (agents arriving steadily). An
-        agent refused with 503 (a server full) tries again, up to `retries` times, on a new
-        connection (which SO_REUSEPORT may hash to another worker), as a real agent would."""
+        agent refused by a full server (503 `Too many open streams.`) tries again, up to
+        `retries` times, on a new connection (which SO_REUSEPORT may hash to another worker),
+        as a real agent would. Time to first byte counts from an attempt's connect."""
         host, port = _address(url)
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         paced = asyncio.Semaphore(waiting or len(agents) or 1)
         current: dict[int, Waiter] = {}
-        retried = [0]
+        retried: set[int] = set()
 
         async def connect(i: int, token: str, workspace_id: str) -> None:
             request = (
@@ -216,11 +218,15 @@ class LoadGen:
                         sock.close()
                         self.errors.append(f"connect: {exc}")
                         return
+                    except BaseException:  # cancelled at the timeout
+                        sock.close()
+                        raise
                     current[i] = waiter
                     await answered
-                if waiter.status != HTTPStatus.SERVICE_UNAVAILABLE or attempt == retries:
+                if FULL not in waiter.refusal or attempt == retries:
                     return
-                retried[0] += 1
+                retried.add(i)
+                del current[i]
                 if waiter.transport is not None:
                     waiter.transport.abort()
                 await asyncio.sleep(RETRY_DELAY)
@@ -245,13 +251,16 @@ class LoadGen:
         ttfb = [w.headers_at - w.started for w in done]
         last = max((w.headers_at for w in done), default=started)
         bad = [w for w in batch if not w.headers_at or w.status != HTTPStatus.OK]
+        registered = sum(1 for w in done if w.status == HTTPStatus.OK)
         return {
             "requested": len(agents),
-            "registered": sum(1 for w in done if w.status == HTTPStatus.OK),
-            "errors": len(bad) + len(self.errors),
+            "registered": registered,
+            # every agent without its stream: refused, closed, failed to connect, or unanswered
+            "errors": len(agents) - registered,
             "error_samples": self.errors[:5]
-            + [f"status {w.status} {w.refusal}".strip() for w in bad[:5]],
-            "retried": retried[0],
+            + [f"status {w.status} {w.refusal}".strip() for w in bad[:5]]
+            + [f"no answer within {timeout:g} s"] * min(5, len(unanswered)),
+            "retried": len(retried),
             "elapsed_s": last - started,
             "ttfb_p50_s": _percentile(ttfb, 0.50),
             "ttfb_p99_s": _percentile(ttfb, 0.99),

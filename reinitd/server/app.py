@@ -15,7 +15,12 @@ from reinitd.server import handler
 from reinitd.server.admission import Admission
 from reinitd.server.claim import Verdict, read_verdicts
 from reinitd.server.connection import Runner, fit
-from reinitd.server.database import pooled, statement_cache_size
+from reinitd.server.database import (
+    CONNECTION_ERRORS,
+    pooled,
+    statement_cache_size,
+    uncancelled,
+)
 from reinitd.server.doorbell import CHANNEL, Doorbell
 from reinitd.server.hub import Hub
 from reinitd.server.keys import (
@@ -61,11 +66,14 @@ async def _warm(conn: asyncpg.Connection) -> None:
     5 to 20 ms instead of 2)."""
     for query, argument in HOT_QUERIES:
         try:
-            await conn.fetch(query, argument)
+            # Not cancelled midway (an acquire's timeout): that costs a cancel request.
+            await uncancelled(conn.fetch(query, argument))
+        except CONNECTION_ERRORS:
+            raise  # the connection is gone: asyncpg discards it, as after a failed connect
         except asyncpg.PostgresError:
             # A refusal (a missing grant) is the query's own to report, with its traceback,
             # when it is used: warming up never changes what a request gets.
-            return
+            continue
 
 
 async def _pool(app: web.Application) -> AsyncIterator[None]:

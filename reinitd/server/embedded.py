@@ -153,7 +153,7 @@ def exclusive(root: Path) -> Iterator[None]:
             raise EmbeddedError(
                 f"another `reinitd serve` is using the embedded PostgreSQL under {root}; stop "
                 f"it first, or share its database on another port: DATABASE_URL='{url}' "
-                "REINITD_PORT=8081 make run"
+                "reinitd serve --port 8081 (or, in a checkout, REINITD_PORT=8081 make run)"
             ) from None
         yield
 

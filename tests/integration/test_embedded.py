@@ -83,10 +83,12 @@ async def test_embedded_postgres_is_created_reused_and_stopped(
     # ... and says how to share its database, as the server role, never as the superuser.
     shared = refused.decode().split("DATABASE_URL='", 1)[1].split("'", 1)[0]
     conn = await asyncpg.connect(shared)
-    role = await conn.fetchrow(
-        "SELECT current_user AS name, rolsuper FROM pg_roles WHERE rolname = current_user"
-    )
-    await conn.close()
+    try:
+        role = await conn.fetchrow(
+            "SELECT current_user AS name, rolsuper FROM pg_roles WHERE rolname = current_user"
+        )
+    finally:
+        await conn.close()
     assert role is not None
     assert (role["name"], role["rolsuper"]) == ("reinitd_srv", False)
 

@@ -21,6 +21,7 @@ import pytest
 import structlog
 
 from reinitd.errors import SettingError
+from reinitd.server import app as app_module
 from reinitd.server.app import HOT_QUERIES
 from reinitd.server.database import STATEMENT_CACHE_SIZE, statement_cache_size
 from reinitd.server.embedded import Cluster, free_port
@@ -140,10 +141,19 @@ def test_pooler_setting_chooses_the_statement_cache() -> None:
 
 @pytest.mark.parametrize(("pooler", "prepared"), [("none", 3), ("transaction", 0)])
 async def test_pooled_connections_come_with_the_hot_statements_prepared(
-    make_server: ServerFactory, pooler: str, prepared: int
+    make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch, pooler: str, prepared: int
 ) -> None:
     """Each pooled connection prepares the connect and claim-read statements when it opens
-    (the first claim read on it pays no Parse); behind a transaction pooler it prepares none."""
+    (the first claim read on it pays no Parse); behind a transaction pooler it prepares none,
+    and runs no warm-up at all (a warmed backend is not the next query's)."""
+    warmed: list[asyncpg.Connection] = []
+
+    async def warm(conn: asyncpg.Connection) -> None:
+        warmed.append(conn)
+        await real_warm(conn)
+
+    real_warm = app_module._warm
+    monkeypatch.setattr(app_module, "_warm", warm)
     client = await make_server(database_pooler=pooler)
     hot = [query for query, _ in HOT_QUERIES]
     async with client.app[POOL].acquire() as conn:
@@ -151,6 +161,7 @@ async def test_pooled_connections_come_with_the_hot_statements_prepared(
             "SELECT count(*) FROM pg_prepared_statements WHERE statement = ANY($1::text[])", hot
         )
     assert found == prepared
+    assert bool(warmed) == bool(prepared)
 
 
 async def test_a_hundred_agents_connect_at_once_through_pgbouncer(
