@@ -292,7 +292,11 @@ async def test_long_polls_and_trickled_heads_never_hold_back_a_new_connect(
     async with sockets(client.server.port, 5) as trickling:
         for sock in trickling:
             sock.send(b"G")
-        await asyncio.sleep(0.2)
+        # Their first bytes are in (3 long-polls and these 5 have spoken), and took no place.
+        await until(
+            lambda: sum(getattr(h, "spoke", False) for h in server._connections) == 8,
+            what="the trickled first bytes received",
+        )
         assert server.in_flight == 0
         agent = await sql.prebuild("agent")
         stream = await asyncio.wait_for(open_stream(client, agent.token), 5)
@@ -350,7 +354,11 @@ async def test_a_connect_waiting_for_admission_outlives_the_header_timeout(
     server = client.server.runner.server if client.server.runner else None
     assert isinstance(server, connection.GuardedServer)
     await until(lambda: server.waiting == 1, what="the second connect waits for a place")
-    await asyncio.sleep(1.5)  # three header timeouts
+    # A witness connected after it, with half a request head: once the header timeout has
+    # closed the witness, it would have closed the waiting connection too.
+    async with sockets(client.port or 0, 1) as [witness]:
+        witness.send(b"GET /healthz HTTP/1.1\r\n")
+        assert await closed_by_server(witness)
     release.set()
     streams = await asyncio.wait_for(asyncio.gather(*opening), 10)
     assert len(streams) == 2
