@@ -42,6 +42,20 @@ def positive_integer(text: str) -> int:
     return value
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """Seconds, or a number with a unit: 90s, 15m, 12h, 7d."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhd]?)\s*", text)
+    if match is None:
+        raise SettingError("expected a duration, like 7d, 12h, 15m or 3600 (seconds)")
+    value = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if value < 60:
+        raise SettingError("expected a duration of at least a minute")
+    return value
+
+
 def port(text: str) -> int:
     try:
         value = int(text)
@@ -278,6 +292,22 @@ SERVE: tuple[Option, ...] = (
         metavar="SECONDS",
     ),
     Option(
+        "presence",
+        "REINITD_PRESENCE",
+        "on",
+        "tell the database who is waiting here (reinitd.agent_presence) and what was delivered "
+        "(reinitd.deliveries); off writes neither",
+        choices=("on", "off"),
+    ),
+    Option(
+        "delivery_retention",
+        "REINITD_DELIVERY_RETENTION",
+        7 * 86400.0,
+        "how long delivery receipts are kept, e.g. 7d, 12h, 90m (at least a minute)",
+        duration,
+        metavar="DURATION",
+    ),
+    Option(
         "shutdown_timeout",
         "REINITD_SHUTDOWN_TIMEOUT",
         5.0,
@@ -423,9 +453,15 @@ class Settings:
     connect_timeout: float
     query_timeout: float
     shutdown_timeout: float
+    presence: str
+    delivery_retention: float
     log_level: str
     log_format: str
     probe_timeout: float = 2.0
+    # Presence reports: changes at most every `presence_interval` seconds; the replica's rows
+    # count for `presence_ttl` seconds after its last report (renewed every third of it).
+    presence_interval: float = 0.5
+    presence_ttl: float = 30.0
     # A connection that sends nothing at all for this long is closed (an idle-socket flood).
     first_byte_timeout: float = 10.0
     queue_limit: int = 16

@@ -9,13 +9,14 @@ SELECT agent_id, workspace_id FROM reinitd.agent_by_token_hash($1)
 -- A wait=true connect in one round trip: the agent of a token and what the durable check
 -- needs about its workspace (null columns: the workspace is gone).
 SELECT a.agent_id, a.workspace_id, s.owner_id, s.first_initiator_id,
-       s.latest_stage, s.latest_status, s.latest_error
+       s.latest_stage, s.latest_status, s.latest_error, s.latest_build_id
 FROM reinitd.agent_by_token_hash($1) AS a
 LEFT JOIN reinitd.claim_state AS s ON s.workspace_id = a.workspace_id
 
 -- claim_states --
 -- The durable check's columns for a batch of workspaces (doorbells, resyncs).
-SELECT workspace_id, owner_id, first_initiator_id, latest_stage, latest_status, latest_error
+SELECT workspace_id, owner_id, first_initiator_id, latest_stage, latest_status, latest_error,
+       latest_build_id
 FROM reinitd.claim_state
 WHERE workspace_id = ANY($1::uuid[])
 
@@ -65,3 +66,17 @@ SELECT format(
 -- replaced by the quoted hex password. SCRAM whatever the cluster's default (md5 before 14).
 SET password_encryption = 'scram-sha-256';
 ALTER ROLE postgres PASSWORD $1;
+
+-- report_presence --
+-- A replica's presence report (reinitd.server.presence): the requests that began and ended
+-- since its last report, or everything it holds.
+SELECT reinitd.report_presence($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+
+-- retire_replica --
+SELECT reinitd.retire_replica($1)
+
+-- record_deliveries --
+SELECT reinitd.record_deliveries($1, $2, $3, $4, $5, $6, $7)
+
+-- prune_deliveries --
+SELECT reinitd.prune_deliveries(make_interval(secs => $1), $2)

@@ -27,6 +27,7 @@ from reinitd.server.admission import Admission, Ticket
 from reinitd.server.embedded import Cluster, free_port
 from reinitd.server.hub import End, Hub, Subscription
 from reinitd.server.keys import DOORBELL, HUB, READINESS
+from reinitd.server.store import Admitted, Store
 from reinitd.server.stream import Stream as ServerStream
 from reinitd.wire import REINIT_PATH
 
@@ -389,8 +390,34 @@ def bare_admission(hub: Hub) -> Admission:
         unittest.mock.Mock(),
         max_streams=10,
         max_streams_per_agent=10,
-        query_timeout=1,
     )
+
+
+AfterRead = Callable[[uuid.UUID], Awaitable[None]]
+
+
+class HookedStore:
+    """An admission's store with `hook` awaited between a connect's read (token and builds)
+    and its registration: where a test puts a claim, a reconnect or a stall."""
+
+    def __init__(self, inner: Store, hook: AfterRead) -> None:
+        self.inner = inner
+        self.hook = hook
+
+    async def admit(self, token_hash: bytes, *, wait: bool) -> Admitted | None:
+        admitted = await self.inner.admit(token_hash, wait=wait)
+        if admitted is not None:
+            await self.hook(admitted.workspace_id)
+        return admitted
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def after_read(admission: Admission, hook: AfterRead) -> None:
+    """From now on, `hook` runs between each connect's read and its registration."""
+    inner = admission.store.inner if isinstance(admission.store, HookedStore) else admission.store
+    admission.store = HookedStore(inner, hook)
 
 
 def attach_stream(

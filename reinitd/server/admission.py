@@ -5,24 +5,25 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
 
-import asyncpg
 import structlog
 
 from reinitd.errors import ApiError
 from reinitd.server import metrics
-from reinitd.server.claim import WAIT, Verdict, judge
-from reinitd.server.database import pooled, uncancelled
+from reinitd.server.claim import WAIT, Verdict
 from reinitd.server.doorbell import Doorbell
-from reinitd.server.hub import Hub, Subscription
-from reinitd.server.query import QUERIES
+from reinitd.server.hub import Delivery, End, Hub, Subscription
+from reinitd.server.presence import Presence
+from reinitd.server.store import Store
 
 log = structlog.get_logger("reinitd.server.admission")
 
 _OPEN_STREAMS = {
     True: metrics.OPEN_STREAMS.labels("true"),
     False: metrics.OPEN_STREAMS.labels("false"),
+}
+_DELIVERED_BY_PATH = {
+    path: metrics.EVENTS_DELIVERED.labels(path) for path in ("notify", "seeded", "resync")
 }
 
 
@@ -34,11 +35,12 @@ class Ticket:
     __slots__ = (
         "_admission",
         "_holder",
-        "_opened",
         "_released",
         "agent_id",
         "mode",
+        "opened_at",
         "request_id",
+        "seq",
         "subscription",
         "verdict",
     )
@@ -47,7 +49,8 @@ class Ticket:
         self._admission = admission
         self._holder: object | None = None
         self._released = False
-        self._opened = 0.0
+        self.opened_at = 0.0  # when it began to wait (monotonic); 0: it never did
+        self.seq = 0  # its number in this replica's presence; 0: not reported
         self.agent_id: uuid.UUID | None = None
         self.subscription: Subscription | None = None
         self.verdict: Verdict = WAIT
@@ -57,9 +60,25 @@ class Ticket:
     def open(self, mode: str, request_id: str) -> None:
         """The request now waits as a stream (`sse`) or a long-poll (`json`)."""
         assert self.subscription is not None
-        self.mode, self.request_id, self._opened = mode, request_id, time.monotonic()
+        self.mode, self.request_id, self.opened_at = mode, request_id, time.monotonic()
         _OPEN_STREAMS[self.subscription.wait].inc()
+        if (presence := self._admission.presence) is not None:
+            self.seq = presence.join(self)
         log.info("agent_waiting", wait=self.subscription.wait, mode=mode)
+
+    def delivered(self, delivery: Delivery) -> None:
+        """A claim was written to this request's agent (a stream frame, a long-poll's answer)."""
+        _DELIVERED_BY_PATH[delivery.source].inc()
+        if delivery.received_at:
+            metrics.NOTIFY_TO_WRITE_SECONDS.observe(time.monotonic() - delivery.received_at)
+        if (presence := self._admission.presence) is not None:
+            presence.receipt(self, delivery.build_id, "event", delivery.source)
+
+    def refused(self, end: End) -> None:
+        """An error frame (or a long-poll's 409) told this request's agent to stop waiting."""
+        presence = self._admission.presence
+        if presence is not None and end.refusal is not None:
+            presence.receipt(self, end.refusal.build_id, "error", end.source or "notify")
 
     def hand_over(self, holder: object) -> None:
         self._holder = holder
@@ -73,13 +92,15 @@ class Ticket:
         if sub is not None:
             sub.detach()
             self._admission._hub.remove(sub)
-            if self._opened:
+            if self.opened_at:
                 _OPEN_STREAMS[sub.wait].dec()
+                if self.seq and (presence := self._admission.presence) is not None:
+                    presence.leave(self.seq)
                 log.info(
                     "stream_ended",
                     reason=sub.ended_by,
                     events=sub.delivered,
-                    duration_s=round(time.monotonic() - self._opened, 3),
+                    duration_s=round(time.monotonic() - self.opened_at, 3),
                     mode=self.mode,
                     workspace_id=str(sub.workspace_id),
                     request_id=self.request_id,
@@ -101,25 +122,23 @@ class Admission:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        store: Store,
         hub: Hub,
         doorbell: Doorbell,
         *,
         max_streams: int,
         max_streams_per_agent: int,
-        query_timeout: float,
+        presence: Presence | None = None,
     ) -> None:
-        self._pool = pool
-        self.query_timeout = query_timeout
+        self.store = store
         self._hub = hub
         self._doorbell = doorbell
+        self.presence = presence
         self.max_streams = max_streams
         self.max_streams_per_agent = max_streams_per_agent
         self.in_use = 0
         self.stopping = False  # the server is shutting down: no new stream
         self._per_agent: Counter[uuid.UUID] = Counter()
-        # Test seam: awaited between the read (token and builds) and the registration.
-        self.after_read: Callable[[uuid.UUID], Awaitable[None]] | None = None
 
     @property
     def agent_slots(self) -> int:
@@ -180,24 +199,20 @@ class Admission:
         try:
             mark = self._doorbell.mark()
             started = time.perf_counter()
-            async with pooled(self._pool, self.query_timeout) as conn:
-                query = QUERIES["admit" if wait else "agent_by_token_hash"]
-                row = await uncancelled(conn.fetchrow(query, token_hash))
-            if row is None:
+            admitted = await self.store.admit(token_hash, wait=wait)
+            if admitted is None:
                 raise ApiError(
                     401, "Unauthorized.", "The agent token is not known.", reason="unknown_token"
                 )
             metrics.DURABLE_CHECK_SECONDS.observe(time.perf_counter() - started)
-            workspace_id: uuid.UUID = row["workspace_id"]
+            workspace_id = admitted.workspace_id
             structlog.contextvars.bind_contextvars(workspace_id=str(workspace_id))
-            if self.after_read is not None:
-                await self.after_read(workspace_id)
             self._refuse_if_stopping()  # the shutdown ended every stream during the read
-            self._take_agent_slot(row["agent_id"])
-            ticket.agent_id = row["agent_id"]
+            self._take_agent_slot(admitted.agent_id)
+            ticket.agent_id = admitted.agent_id
             ticket.subscription = self._hub.subscribe(workspace_id, wait=wait)
-            if wait:  # without wait: no checks, nothing pre-seeded
-                ticket.verdict = judge(row if row["owner_id"] is not None else None)
+            if admitted.verdict is not None:  # without wait: no checks, nothing pre-seeded
+                ticket.verdict = admitted.verdict
                 self._doorbell.catch_up(mark, workspace_id)
         except BaseException:
             ticket.release()

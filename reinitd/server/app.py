@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import asyncpg
@@ -13,14 +12,8 @@ from aiohttp import web
 
 from reinitd.server import handler
 from reinitd.server.admission import Admission
-from reinitd.server.claim import Verdict, read_verdicts
 from reinitd.server.connection import Runner, fit
-from reinitd.server.database import (
-    CONNECTION_ERRORS,
-    pooled,
-    statement_cache_size,
-    uncancelled,
-)
+from reinitd.server.database import CONNECTION_ERRORS, statement_cache_size, uncancelled
 from reinitd.server.doorbell import CHANNEL, Doorbell
 from reinitd.server.hub import Hub
 from reinitd.server.keys import (
@@ -29,12 +22,15 @@ from reinitd.server.keys import (
     HUB,
     LISTENER,
     POOL,
+    PRESENCE,
     READINESS,
     REFUSALS,
     SETTINGS,
 )
 from reinitd.server.listener import Listener, Notifier
 from reinitd.server.middleware import on_prepare, request_context
+from reinitd.server.pgstore import PgStore
+from reinitd.server.presence import Presence, replica_name
 from reinitd.server.query import QUERIES
 from reinitd.server.readiness import Readiness
 from reinitd.server.refusal import Refusals
@@ -113,22 +109,34 @@ async def _pinger(hub: Hub, interval: float) -> None:
 
 
 async def _delivery(app: web.Application) -> AsyncIterator[None]:
-    """The listener, the router behind it, the doorbell's batched reads and the pings."""
+    """The listener, the router behind it, the doorbell's batched reads, the pings, and the
+    presence reports."""
     settings, hub = app[SETTINGS], app[HUB]
-    pool = app[POOL]
-
-    async def read(workspace_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Verdict]:
-        async with pooled(pool, settings.query_timeout) as conn:
-            return await read_verdicts(conn, workspace_ids)
-
-    doorbell = Doorbell(read, hub, resync_interval=settings.resync_interval)
+    store = PgStore(app[POOL], settings.query_timeout)
+    doorbell = Doorbell(store.verdicts, hub, resync_interval=settings.resync_interval)
+    presence = None
+    if settings.presence == "on":
+        presence = Presence(
+            store,
+            replica_name(),
+            interval=settings.presence_interval,
+            ttl=settings.presence_ttl,
+            retention=settings.delivery_retention,
+        )
     router = Router({CHANNEL: doorbell.on_payload})
     notifier = Notifier(settings.dsn, timeout=settings.probe_timeout)
+
+    def connected() -> None:
+        """After every (re)connect, once LISTEN is active: NOTIFYs may have been lost, and the
+        database may be another one (a promoted standby) that never heard of our agents."""
+        doorbell.ring_all()
+        if presence is not None:
+            presence.reassert()
+
     listener = Listener(
         settings.listen_dsn,
         router,
-        # After every (re)connect, once LISTEN is active: NOTIFYs may have been lost.
-        doorbell.ring_all,
+        connected,
         notifier.notify,
         probe_interval=settings.probe_interval,
         probe_timeout=settings.probe_timeout,
@@ -136,12 +144,12 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
     )
     readiness = Readiness(listener)
     app[ADMISSION] = Admission(
-        app[POOL],
+        store,
         hub,
         doorbell,
         max_streams=settings.max_streams or 0,
         max_streams_per_agent=settings.max_streams_per_agent,
-        query_timeout=settings.query_timeout,
+        presence=presence,
     )
     app[DOORBELL], app[LISTENER], app[READINESS] = doorbell, listener, readiness
     tasks = {
@@ -149,11 +157,17 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
         "doorbell": doorbell.run,
         "pinger": lambda: _pinger(hub, settings.ping_interval),
     }
+    if presence is not None:
+        app[PRESENCE] = presence
+        tasks["presence"] = presence.run
     try:
         async with running(tasks):
             yield
     finally:
         await notifier.close()
+        if presence is not None:
+            # The streams ended in on_shutdown; their receipts go out, then this replica's rows.
+            await presence.close(within=settings.shutdown_timeout)
 
 
 async def _on_shutdown(app: web.Application) -> None:

@@ -26,15 +26,19 @@ class Wait:
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
+    """The claim, and the claim build it comes from (for the delivery receipt)."""
+
     event: ReinitEvent
+    build_id: uuid.UUID | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Refuse:
-    """A 409: the agent must stop waiting."""
+    """A 409: the agent must stop waiting; `build_id` is the latest build, when there is one."""
 
     message: str
     detail: str
+    build_id: uuid.UUID | None = None
 
 
 Verdict = Wait | Deliver | Refuse
@@ -57,19 +61,21 @@ def judge(row: Row | None) -> Verdict:
     owner: uuid.UUID = row["owner_id"]
     if owner == PREBUILDS_USER_ID:
         return WAIT
+    build: uuid.UUID | None = row["latest_build_id"]
     if row["first_initiator_id"] != PREBUILDS_USER_ID:
-        return Refuse(NOT_WAITING_MESSAGE, "The workspace was not created as a prebuild.")
+        return Refuse(NOT_WAITING_MESSAGE, "The workspace was not created as a prebuild.", build)
     if row["latest_stage"] != "claim":
         return Refuse(
             NOT_WAITING_MESSAGE,
             f"The workspace was claimed in the past; its latest build is a "
             f"{row['latest_stage']!r} build.",
+            build,
         )
     match row["latest_status"]:
         case "failed":
-            return Refuse(CLAIM_FAILED_MESSAGE, row["latest_error"] or "")
+            return Refuse(CLAIM_FAILED_MESSAGE, row["latest_error"] or "", build)
         case "succeeded":
-            return Deliver(ReinitEvent(row["workspace_id"], owner_id=owner))
+            return Deliver(ReinitEvent(row["workspace_id"], owner_id=owner), build)
         case _:
             return WAIT
 

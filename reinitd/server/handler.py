@@ -15,9 +15,9 @@ from reinitd.errors import ApiError
 from reinitd.server.admission import Ticket
 from reinitd.server.claim import Deliver, Refuse
 from reinitd.server.connection import settled
-from reinitd.server.hub import Delivery, End, Subscription
+from reinitd.server.hub import Delivery, End
 from reinitd.server.keys import ADMISSION, READINESS, REQUEST_ID, SETTINGS
-from reinitd.server.stream import delivered, take_over
+from reinitd.server.stream import take_over
 from reinitd.wire import TOKEN_HEADER, TOKEN_PARAM, is_token
 
 log = structlog.get_logger("reinitd.server.handler")
@@ -99,17 +99,19 @@ async def reinit(request: web.Request) -> web.StreamResponse:
         if isinstance(verdict, Refuse):
             raise ApiError(409, verdict.message, verdict.detail, reason="not_waiting")
         if isinstance(verdict, Deliver):
-            sub.offer(Delivery(verdict.event, "seeded"))
+            sub.offer(Delivery(verdict.event, "seeded", build_id=verdict.build_id))
         ticket.open("sse" if poll_timeout is None else "json", request[REQUEST_ID])
         if poll_timeout is not None:
             settled(request)
-            return await _long_poll(sub, poll_timeout)
+            return await _long_poll(ticket, poll_timeout)
         return await _stream(request, ticket)
     finally:
         ticket.release()  # nothing, once a stream took the ticket over
 
 
-async def _long_poll(sub: Subscription, seconds: float) -> web.Response:
+async def _long_poll(ticket: Ticket, seconds: float) -> web.Response:
+    sub = ticket.subscription
+    assert sub is not None
     try:
         async with asyncio.timeout(seconds):
             while True:
@@ -117,7 +119,7 @@ async def _long_poll(sub: Subscription, seconds: float) -> web.Response:
                 if isinstance(item, Delivery):
                     sub.delivered += 1
                     sub.ended_by = "delivered"
-                    delivered(item)
+                    ticket.delivered(item)
                     log.info(
                         "reinit_delivered", path=item.source, owner_id=str(item.event.owner_id)
                     )
@@ -125,6 +127,7 @@ async def _long_poll(sub: Subscription, seconds: float) -> web.Response:
                 if isinstance(item, End):
                     sub.ended_by = item.why
                     if item.refusal is not None:
+                        ticket.refused(item)
                         raise ApiError(
                             409, item.refusal.message, item.refusal.detail, reason="not_waiting"
                         )

@@ -31,14 +31,17 @@ class Delivery:
     event: ReinitEvent
     source: str
     received_at: float = 0.0
+    build_id: uuid.UUID | None = None  # the claim build (for the receipt)
 
 
 @dataclass(frozen=True, slots=True)
 class End:
-    """The stream must end: `why` is shutdown, overflow or refused (then with a `refusal`)."""
+    """The stream must end: `why` is shutdown, overflow or refused (then with a `refusal`, and
+    how it was found: notify or resync)."""
 
     why: str
     refusal: Refuse | None = None
+    source: str = ""
 
 
 Item = Delivery | Ping | End
@@ -144,12 +147,12 @@ class Subscription:
                 self._sink.end(end)
             self._wake()
 
-    def refuse(self, refusal: Refuse) -> bool:
+    def refuse(self, refusal: Refuse, source: str) -> bool:
         """End a stream that can no longer wait, with the refusal as its error frame; a stream
         that already has its claim keeps it (a later build is no news). True if it ends."""
         if self._seen or self._end is not None:
             return False
-        self.end(End("refused", refusal))
+        self.end(End("refused", refusal, source))
         return True
 
     def attach(self, sink: Sink) -> None:
@@ -245,9 +248,10 @@ class Hub:
         for sub in tuple(self._subs.get(workspace_id, ())):
             if isinstance(verdict, Deliver):
                 if sub.wait or source == "notify":
-                    applied += sub.offer(Delivery(verdict.event, source, received_at))
+                    delivery = Delivery(verdict.event, source, received_at, verdict.build_id)
+                    applied += sub.offer(delivery)
             elif isinstance(verdict, Refuse) and sub.wait:
-                applied += sub.refuse(verdict)
+                applied += sub.refuse(verdict, source)
         return applied
 
     def snapshot(self) -> list[Subscription]:

@@ -9,6 +9,7 @@ from reinitd.server.admission import Admission
 from reinitd.server.doorbell import Doorbell
 from reinitd.server.hub import Hub
 from reinitd.server.listener import Listener
+from reinitd.server.presence import Presence
 from reinitd.server.readiness import Readiness
 from reinitd.server.refusal import Refusals
 from reinitd.settings import Settings
@@ -21,5 +22,6 @@ DOORBELL = web.AppKey("doorbell", Doorbell)
 ADMISSION = web.AppKey("admission", Admission)
 READINESS = web.AppKey("readiness", Readiness)
 REFUSALS = web.AppKey("refusals", Refusals)
+PRESENCE = web.AppKey("presence", Presence)  # absent with --presence off
 
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -100,6 +100,24 @@ CLIENT_GONE = Counter(
     "Requests whose client hung up before the answer could be sent (answered 499 in the log)",
 )
 
+PRESENCE_REPORT_OUTCOMES = ("ok", "reasserted", "failed")
+PRESENCE_REPORTS = Counter(
+    "reinitd_presence_reports_total",
+    "Presence reports to the database: ok (what changed), reasserted (everything held: the "
+    "first, and after a failure, a reconnect or a database that lost this replica), failed",
+    ["outcome"],
+)
+RECEIPT_OUTCOMES = ("written", "dropped")
+RECEIPTS = Counter(
+    "reinitd_receipts_total",
+    "Delivery receipts: written to the database, or dropped (the buffer was full while the "
+    "database was away, or the server stopped before it came back)",
+    ["outcome"],
+)
+RECEIPTS_PENDING = Gauge(
+    "reinitd_receipts_pending", "Delivery receipts waiting to be written to the database"
+)
+
 # Every labelled series exists from the start, at 0, so that alert rules have something to
 # evaluate before the first occurrence.
 for _outcome in DOORBELL_OUTCOMES:
@@ -112,6 +130,10 @@ for _path in ("seeded", "notify", "resync"):
     EVENTS_DELIVERED.labels(_path)
 for _reason in CLOSE_REASONS:
     CONNECTIONS_CLOSED.labels(_reason)
+for _outcome in PRESENCE_REPORT_OUTCOMES:
+    PRESENCE_REPORTS.labels(_outcome)
+for _outcome in RECEIPT_OUTCOMES:
+    RECEIPTS.labels(_outcome)
 for _wait in ("true", "false"):
     OPEN_STREAMS.labels(_wait)
 for _status in ("200", "204", "400", "401", "404", "405", "409", "429", "499", "500", "503"):

@@ -11,7 +11,6 @@ task: a claim costs one `write`.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -27,9 +26,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("reinitd.server.stream")
 
-_DELIVERED_BY_PATH = {
-    path: metrics.EVENTS_DELIVERED.labels(path) for path in ("notify", "seeded", "resync")
-}
 # A client that stopped reading while this much is buffered for it is cut off at once.
 MAX_BUFFERED: Final = 1 << 20
 
@@ -41,13 +37,6 @@ def chunk(frame: bytes) -> bytes:
 
 PING_CHUNK: Final = chunk(PING_FRAME)
 LAST_CHUNK: Final = b"0\r\n\r\n"
-
-
-def delivered(delivery: Delivery) -> None:
-    """A claim was written to an agent (on its stream, or as a long-poll's answer)."""
-    _DELIVERED_BY_PATH[delivery.source].inc()
-    if delivery.received_at:
-        metrics.NOTIFY_TO_WRITE_SECONDS.observe(time.monotonic() - delivery.received_at)
 
 
 class Stream(asyncio.Protocol):
@@ -92,7 +81,7 @@ class Stream(asyncio.Protocol):
         sub = self._ticket.subscription
         assert sub is not None
         sub.delivered += 1
-        delivered(delivery)
+        self._ticket.delivered(delivery)
         log.info(
             "reinit_delivered",
             path=delivery.source,
@@ -111,8 +100,10 @@ class Stream(asyncio.Protocol):
         sub = self._ticket.subscription
         assert sub is not None
         sub.ended_by = end.why
-        if end.refusal is not None:
-            self._write(error_frame(end.refusal.message, end.refusal.detail))
+        if end.refusal is not None and self._write(
+            error_frame(end.refusal.message, end.refusal.detail)
+        ):
+            self._ticket.refused(end)
         if self._chunked and not self._transport.is_closing():
             self._transport.write(LAST_CHUNK)
         self._transport.close()  # a client not reading is cut off when its stall timer fires

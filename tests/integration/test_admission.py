@@ -15,6 +15,7 @@ from tests.support import (
     Client,
     ServerFactory,
     Sql,
+    after_read,
     open_stream,
     sample,
     until,
@@ -95,7 +96,7 @@ async def test_hang_up_during_admission_gives_everything_back(
         inside.set()
         await release.wait()
 
-    client.app[ADMISSION].after_read = stall
+    after_read(client.app[ADMISSION], stall)
     port = client.port
     assert port is not None
     hang_up = asyncio.create_task(send_then_reset(port, request_bytes(agent.token), 30))
@@ -123,7 +124,7 @@ async def test_a_burst_of_ten_times_the_cap_never_exceeds_it(
         peak = max(peak, admission.in_use, len(client.app[HUB]))
         await asyncio.sleep(0)
 
-    admission.after_read = observe
+    after_read(admission, observe)
     responses = await asyncio.gather(
         *(
             client.get(REINIT, params={"wait": "true"}, headers={"Coder-Session-Token": a.token})
@@ -154,7 +155,7 @@ async def test_a_connect_whose_read_spans_the_shutdown_gets_a_503_not_a_stream(
         inside.set()
         await release.wait()
 
-    client.app[ADMISSION].after_read = stall
+    after_read(client.app[ADMISSION], stall)
     opening = asyncio.ensure_future(
         client.get(REINIT, params={"wait": "true"}, headers={"Coder-Session-Token": agent.token})
     )

@@ -24,6 +24,7 @@ from tests.support import (
     ServerFactory,
     ServerProcess,
     Sql,
+    after_read,
     claimed,
     open_stream,
     sample,
@@ -246,7 +247,7 @@ async def test_requests_in_flight_are_bounded_and_probes_never_wait(
         inside.put_nowait(workspace_id)
         await gate.wait()
 
-    client.app[ADMISSION].after_read = hold
+    after_read(client.app[ADMISSION], hold)
     opening = [asyncio.ensure_future(open_stream(client, a.token)) for a in agents]
     for _ in range(2):
         await asyncio.wait_for(inside.get(), 5)
@@ -348,7 +349,7 @@ async def test_a_connect_waiting_for_admission_outlives_the_header_timeout(
             inside.set()
             await release.wait()
 
-    client.app[ADMISSION].after_read = hold
+    after_read(client.app[ADMISSION], hold)
     opening = [asyncio.ensure_future(open_stream(client, a.token)) for a in (first, second)]
     await asyncio.wait_for(inside.wait(), 5)
     server = client.server.runner.server if client.server.runner else None

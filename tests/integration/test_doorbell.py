@@ -18,6 +18,7 @@ from tests.support import (
     REINIT,
     Client,
     Sql,
+    after_read,
     assert_no_more_events,
     login_role,
     open_stream,
@@ -195,7 +196,7 @@ async def test_a_connect_overlapping_a_listener_reconnect_rings_no_forged_doorbe
         await conn.fetchval("SELECT pg_terminate_backend($1)", old.get_server_pid())
         await until(lambda: listener.connection not in (None, old), timeout=10)
 
-    client.app[ADMISSION].after_read = reconnect_listener
+    after_read(client.app[ADMISSION], reconnect_listener)
     before = unconfirmed()
     with structlog.testing.capture_logs() as logs:
         await open_stream(client, agent.token)

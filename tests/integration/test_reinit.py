@@ -18,6 +18,7 @@ from tests.support import (
     ServerFactory,
     Sql,
     Stream,
+    after_read,
     assert_no_more_events,
     claimed,
     open_stream,
@@ -151,7 +152,7 @@ async def test_claim_between_read_and_registration_delivered_once(client: Client
         await sql.claim(workspace_id, owner)
         await settle(client)  # its doorbell has been heard, and dropped: no stream yet
 
-    client.app[ADMISSION].after_read = commit_claim
+    after_read(client.app[ADMISSION], commit_claim)
     before = sample("reinitd_doorbells_total", outcome="no_waiters")
     stream = await open_stream(client, agent.token)
     assert sample("reinitd_doorbells_total", outcome="no_waiters") == before + 1
@@ -170,7 +171,7 @@ async def test_claim_committed_after_the_read_and_heard_after_registration(
     async def commit_claim(workspace_id: uuid.UUID) -> None:
         await sql.claim(workspace_id, owner)  # the NOTIFY is still on its way
 
-    client.app[ADMISSION].after_read = commit_claim
+    after_read(client.app[ADMISSION], commit_claim)
     stream = await open_stream(client, agent.token)
     assert (await stream.event()).data == claimed(agent.workspace_id, owner)
     await assert_no_more_events(client, stream, agent.workspace_id)
@@ -270,10 +271,10 @@ async def test_json_long_poll_returns_event(client: Client, sql: Sql, found_by: 
         await sql.claim(agent.workspace_id, owner)
     read = asyncio.Event()
 
-    async def after_read(_workspace_id: uuid.UUID) -> None:
+    async def mark_read(_workspace_id: uuid.UUID) -> None:
         read.set()
 
-    client.app[ADMISSION].after_read = after_read
+    after_read(client.app[ADMISSION], mark_read)
     request = asyncio.create_task(
         client.get(
             REINIT,

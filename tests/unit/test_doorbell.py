@@ -35,6 +35,7 @@ class FakeDatabase:
             "latest_stage": "prebuild",
             "latest_status": "succeeded",
             "latest_error": None,
+            "latest_build_id": None,
         }
         return workspace_id
 

@@ -29,6 +29,7 @@ def row(**fields: object) -> dict[str, object]:
         "latest_stage": "claim",
         "latest_status": "succeeded",
         "latest_error": None,
+        "latest_build_id": None,
     }
     return base | fields
 
@@ -114,7 +115,7 @@ async def test_refusal_ends_a_waiting_stream_without_a_claim() -> None:
     with hub.subscribe(WS, wait=True) as told, hub.subscribe(WS, wait=True) as untold:
         told.offer(Delivery(CLAIM.event, "seeded"))
         assert hub.settle(WS, Refuse("m", "d"), "resync") == 1
-        assert await untold.next() == End("refused", Refuse("m", "d"))
+        assert await untold.next() == End("refused", Refuse("m", "d"), "resync")
         assert await told.next() == Delivery(CLAIM.event, "seeded")
         told.ping()
         assert await told.next() is PING

@@ -1,0 +1,241 @@
+"""Presence and receipts: what this replica holds and what it wrote, told to the database in
+batches (docs/protocol.md §7).
+
+Nothing here is on a request's path: a request that begins or ends to wait, or a frame that
+is written, only touches a dict or a deque. One task reports every `interval` seconds what
+changed since the last report, in one statement, and the receipts written meanwhile, in
+another; without changes it still renews the replica every `ttl / 3` seconds. A report that
+fails (the database is away, refusing or stalled) changes nothing a request sees: the next
+one that succeeds carries everything this replica holds, and so does the one after the
+database says it lost us (a crash or a failover empties the unlogged tables; a replica that
+could not report for `ttl` seconds expired). Receipts wait in memory, up to `receipt_limit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import os
+import secrets
+import socket
+import time
+import uuid
+from typing import TYPE_CHECKING, Final
+
+import structlog
+
+from reinitd.server import metrics
+from reinitd.server.database import CONNECTION_ERRORS, describe
+from reinitd.server.store import Present, Receipt, Store
+from reinitd.server.throttle import LogThrottle
+
+if TYPE_CHECKING:
+    from reinitd.server.admission import Ticket
+
+log = structlog.get_logger("reinitd.server.presence")
+
+# Receipts per statement, and pruned receipts per statement.
+RECEIPT_CHUNK: Final = 5000
+PRUNE_CHUNK: Final = 10000
+# How often old receipts are pruned (the first time a minute after the start).
+PRUNE_EVERY: Final = 3600.0
+FIRST_PRUNE: Final = 60.0
+
+_REPORTS = {o: metrics.PRESENCE_REPORTS.labels(o) for o in metrics.PRESENCE_REPORT_OUTCOMES}
+_RECEIPTS = {o: metrics.RECEIPTS.labels(o) for o in metrics.RECEIPT_OUTCOMES}
+
+
+def replica_name() -> str:
+    """This process as presence and receipts name it: host, pid, and a random suffix, so that
+    a restarted worker or a reused pid is never taken for the process that died."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+
+
+class Presence:
+    """The requests waiting here and the frames written, on their way to the database."""
+
+    def __init__(
+        self,
+        store: Store,
+        replica: str,
+        *,
+        interval: float = 0.5,
+        ttl: float = 30.0,
+        retention: float = 7 * 86400.0,
+        receipt_limit: int = 100_000,
+    ) -> None:
+        self._store = store
+        self.replica = replica
+        self.interval = interval
+        self.ttl = ttl
+        self.retention = retention
+        self.receipt_limit = receipt_limit
+        self._seq = itertools.count(1)
+        self._live: dict[int, Ticket] = {}
+        self._joined: dict[int, None] = {}  # live, not yet reported (insertion order)
+        self._left: list[int] = []  # reported, since ended
+        self._full = True  # the next report is everything held (the first one is)
+        self._reported = -float("inf")
+        self._next_prune = time.monotonic() + FIRST_PRUNE
+        self._receipts: collections.deque[tuple[Ticket, uuid.UUID | None, str, str, float]] = (
+            collections.deque()
+        )
+        self._failures = LogThrottle()
+
+    def __len__(self) -> int:
+        """Requests waiting here now."""
+        return len(self._live)
+
+    @property
+    def pending_receipts(self) -> int:
+        return len(self._receipts)
+
+    # --- the request side: synchronous, no I/O ------------------------------------------------
+
+    def join(self, ticket: Ticket) -> int:
+        """A request began to wait; returns its number here."""
+        seq = next(self._seq)
+        self._live[seq] = ticket
+        self._joined[seq] = None
+        return seq
+
+    def leave(self, seq: int) -> None:
+        """The request numbered `seq` stopped waiting."""
+        if self._live.pop(seq, None) is None:
+            return
+        if seq in self._joined:
+            del self._joined[seq]  # never reported: nothing to take back
+        else:
+            self._left.append(seq)
+
+    def receipt(self, ticket: Ticket, build_id: uuid.UUID | None, kind: str, path: str) -> None:
+        """A claim event or an error frame was written to `ticket`'s agent."""
+        if len(self._receipts) >= self.receipt_limit:
+            self._receipts.popleft()
+            _RECEIPTS["dropped"].inc()
+            if (suppressed := self._failures.allow("receipts_dropped")) is not None:
+                log.error("receipts_dropped", limit=self.receipt_limit, suppressed=suppressed)
+        self._receipts.append((ticket, build_id, kind, path, time.monotonic()))
+        metrics.RECEIPTS_PENDING.set(len(self._receipts))
+
+    def reassert(self) -> None:
+        """Send everything held with the next report (after a listener reconnect: the database
+        may be another one, a promoted standby)."""
+        self._full = True
+
+    # --- the database side: one task ----------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Report what changed (or, when due, renew the replica), write the receipts, and
+        prune old receipts when it is time. Failures are logged and retried next time."""
+        await self._write_receipts()
+        now = time.monotonic()
+        if self._full or self._joined or self._left or now - self._reported >= self.ttl / 3:
+            await self._report()
+        if now >= self._next_prune:
+            self._next_prune = now + PRUNE_EVERY
+            await self._prune()
+
+    async def _report(self) -> None:
+        full = self._full
+        now = time.monotonic()
+        tickets = self._live.items() if full else ((s, self._live[s]) for s in self._joined)
+        present = [self._present(seq, ticket, now) for seq, ticket in tickets]
+        left, self._left, self._joined, self._full = self._left, [], {}, False
+        try:
+            known = await self._store.report_presence(
+                self.replica, self.ttl, full=full, present=present, left=[] if full else left
+            )
+        except Exception as exc:
+            self._full = True  # whatever this report held, the next one holds all of it
+            _REPORTS["failed"].inc()
+            self._failed("presence_report_failed", exc)
+            return
+        self._reported = now
+        if known:
+            _REPORTS["reasserted" if full else "ok"].inc()
+            if full:
+                log.info("presence_reported", replica=self.replica, requests=len(present))
+            return
+        # The database lost this replica's rows: tell it everything, now.
+        log.warning("presence_lost", replica=self.replica, requests=len(self._live))
+        self._full = True
+        await self._report()
+
+    @staticmethod
+    def _present(seq: int, ticket: Ticket, now: float) -> Present:
+        sub = ticket.subscription
+        assert sub is not None
+        assert ticket.agent_id is not None
+        return Present(
+            seq, ticket.agent_id, sub.workspace_id, ticket.mode, sub.wait, now - ticket.opened_at
+        )
+
+    async def _write_receipts(self) -> None:
+        while self._receipts:
+            now = time.monotonic()
+            batch = [
+                self._receipts.popleft() for _ in range(min(RECEIPT_CHUNK, len(self._receipts)))
+            ]
+            receipts = [self._receipt(item, now) for item in batch]
+            try:
+                await self._store.record_deliveries(self.replica, receipts)
+            except Exception as exc:
+                # Kept, oldest first, for the next attempt (bounded by `receipt`).
+                self._receipts.extendleft(reversed(batch))
+                self._failed("receipts_write_failed", exc, pending=len(self._receipts))
+                return
+            finally:
+                metrics.RECEIPTS_PENDING.set(len(self._receipts))
+            _RECEIPTS["written"].inc(len(receipts))
+
+    @staticmethod
+    def _receipt(item: tuple[Ticket, uuid.UUID | None, str, str, float], now: float) -> Receipt:
+        ticket, build_id, kind, path, at = item
+        sub = ticket.subscription
+        assert sub is not None
+        assert ticket.agent_id is not None
+        return Receipt(sub.workspace_id, ticket.agent_id, build_id, kind, path, now - at)
+
+    async def _prune(self) -> None:
+        total = 0
+        try:
+            while (gone := await self._store.prune_deliveries(self.retention, PRUNE_CHUNK)) > 0:
+                total += gone
+                if gone < PRUNE_CHUNK:
+                    break
+        except Exception as exc:
+            self._failed("receipts_prune_failed", exc)
+        if total:
+            log.info("receipts_pruned", receipts=total, retention_s=self.retention)
+
+    def _failed(self, event: str, exc: Exception, **fields: object) -> None:
+        """One line per kind of failure per interval: a warning for an outage (the next
+        attempt will do), an error with its traceback for anything else (a bug, a grant)."""
+        suppressed = self._failures.allow(event)
+        if suppressed is None:
+            return
+        if isinstance(exc, CONNECTION_ERRORS):
+            log.warning(event, error=describe(exc), suppressed=suppressed, **fields)
+        else:
+            log.error(event, exc_info=exc, suppressed=suppressed, **fields)
+
+    async def close(self, within: float) -> None:
+        """On shutdown: write the receipts still here and take this replica's rows away, in at
+        most `within` seconds (a database that is away does not hold the exit)."""
+        try:
+            async with asyncio.timeout(within):
+                await self._write_receipts()
+                await self._store.retire(self.replica)
+        except Exception as exc:
+            self._failed("presence_retire_failed", exc)
+        if self._receipts:
+            _RECEIPTS["dropped"].inc(len(self._receipts))
+            log.error("receipts_dropped", receipts=len(self._receipts), reason="shutdown")
+            self._receipts.clear()
