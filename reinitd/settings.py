@@ -300,6 +300,15 @@ SERVE: tuple[Option, ...] = (
         choices=("on", "off"),
     ),
     Option(
+        "presence_ttl",
+        "REINITD_PRESENCE_TTL",
+        30.0,
+        "seconds a replica's presence rows outlive its last report (renewed every third of "
+        "it): a replica that dies without a word leaves reinitd.agent_presence after this",
+        positive_number,
+        metavar="SECONDS",
+    ),
+    Option(
         "delivery_retention",
         "REINITD_DELIVERY_RETENTION",
         7 * 86400.0,
@@ -454,14 +463,13 @@ class Settings:
     query_timeout: float
     shutdown_timeout: float
     presence: str
+    presence_ttl: float
     delivery_retention: float
     log_level: str
     log_format: str
     probe_timeout: float = 2.0
-    # Presence reports: changes at most every `presence_interval` seconds; the replica's rows
-    # count for `presence_ttl` seconds after its last report (renewed every third of it).
+    # Presence reports carry what changed at most every this many seconds.
     presence_interval: float = 0.5
-    presence_ttl: float = 30.0
     # A connection that sends nothing at all for this long is closed (an idle-socket flood).
     first_byte_timeout: float = 10.0
     queue_limit: int = 16

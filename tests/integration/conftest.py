@@ -23,6 +23,7 @@ from reinitd.server.embedded import Cluster, ensure_cluster
 from reinitd.server.keys import LISTENER
 from reinitd.server.migration import migrate
 from reinitd.settings import serve_settings
+from tests.proxy import TcpProxy
 from tests.support import ServerFactory, Sql
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -95,6 +96,17 @@ def make_server(aiohttp_client: ClientFactory, database_url: str) -> ServerFacto
 @pytest.fixture
 async def client(make_server: ServerFactory) -> TestClient[web.Request, web.Application]:
     return await make_server()
+
+
+@pytest.fixture
+async def proxy(postgres: Cluster) -> AsyncIterator[TcpProxy]:
+    """A fault-injecting TCP proxy in front of the session's PostgreSQL (`url` goes through it)."""
+    tcp = await TcpProxy("127.0.0.1", postgres.port).start()
+    tcp.url = postgres.dsn("reinitd", port=tcp.port)
+    try:
+        yield tcp
+    finally:
+        await tcp.close()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import struct
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +41,6 @@ from tests.support import (
     server_process,
     until,
 )
-
-
-@pytest.fixture
-async def proxy(postgres: Cluster) -> AsyncIterator[TcpProxy]:
-    tcp = await TcpProxy("127.0.0.1", postgres.port).start()
-    tcp.url = postgres.dsn("reinitd", port=tcp.port)
-    try:
-        yield tcp
-    finally:
-        await tcp.close()
 
 
 async def proxied_server(

@@ -1,0 +1,130 @@
+"""Admission on the in-memory database port: the read -> register -> catch-up order, the
+error mapping, and what every exit gives back (docs/protocol.md §4.3)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+
+import pytest
+
+from reinitd.errors import ApiError
+from reinitd.server.admission import Admission
+from reinitd.server.claim import WAIT, Deliver
+from reinitd.server.doorbell import Doorbell
+from reinitd.server.hub import Delivery, Hub
+from reinitd.server.memstore import MemoryStore
+from reinitd.server.presence import Presence
+from reinitd.wire import ReinitEvent
+
+TOKEN = str(uuid.uuid4())
+DIGEST = hashlib.sha256(TOKEN.encode()).digest()
+
+
+def parts(max_streams: int = 4) -> tuple[MemoryStore, Hub, Doorbell, Admission]:
+    store, hub = MemoryStore(), Hub()
+    doorbell = Doorbell(store.verdicts, hub, resync_interval=3600, retry_floor=0.01)
+    admission = Admission(
+        store,
+        hub,
+        doorbell,
+        max_streams=max_streams,
+        max_streams_per_agent=2,
+        presence=Presence(store, "test-replica"),
+    )
+    return store, hub, doorbell, admission
+
+
+async def test_a_claim_committed_between_read_and_registration_is_delivered_once() -> None:
+    """The read saw a prebuild; the claim's doorbell rang before the subscription existed: the
+    catch-up re-reads the workspace and the stream gets the claim, once."""
+    store, hub, doorbell, admission = parts()
+    workspace = store.add_agent(TOKEN)
+    store.hold = asyncio.Event()
+    doorbells = asyncio.create_task(doorbell.run())
+    try:
+        admitting = asyncio.create_task(admission.admit(DIGEST, wait=True))
+        await asyncio.wait_for(store.reading.wait(), 1)
+        claim = Deliver(ReinitEvent(workspace, owner_id=uuid.uuid4()), uuid.uuid4())
+        store.states[workspace] = claim
+        doorbell.on_payload(str(workspace), 1.0)  # heard now, while nobody is registered
+        await asyncio.wait_for(doorbell.idle(), 1)
+        store.hold.set()
+        ticket = await asyncio.wait_for(admitting, 1)
+        assert ticket.verdict == WAIT  # the read came before the claim
+        sub = ticket.subscription
+        assert sub is not None
+        item = await asyncio.wait_for(sub.next(), 1)
+        assert isinstance(item, Delivery)
+        assert (item.event, item.build_id) == (claim.event, claim.build_id)
+        doorbell.on_payload(str(workspace), 2.0)  # the same claim again: not a second frame
+        await asyncio.wait_for(doorbell.idle(), 1)
+        assert sub._take() is None
+        ticket.release()
+    finally:
+        doorbells.cancel()
+    assert (admission.in_use, admission.agent_slots, len(hub)) == (0, 0, 0)
+
+
+async def test_an_unknown_token_is_refused_and_gives_everything_back() -> None:
+    """401 for a token the database does not know; no slot or subscription is left."""
+    _store, hub, _doorbell, admission = parts()
+    with pytest.raises(ApiError) as refused:
+        await admission.admit(DIGEST, wait=True)
+    assert refused.value.status == 401
+    assert (admission.in_use, admission.agent_slots, len(hub)) == (0, 0, 0)
+
+
+async def test_a_database_failure_propagates_and_gives_everything_back() -> None:
+    """Whatever the port raises reaches the caller (the middleware maps it); nothing leaks."""
+    store, hub, _doorbell, admission = parts()
+    store.add_agent(TOKEN)
+    store.fail = ConnectionRefusedError("database away")
+    with pytest.raises(ConnectionRefusedError):
+        await admission.admit(DIGEST, wait=True)
+    assert (admission.in_use, admission.agent_slots, len(hub)) == (0, 0, 0)
+
+
+async def test_a_connect_cancelled_during_its_read_gives_everything_back() -> None:
+    """A client that hangs up while its read is in flight leaves no slot behind."""
+    store, hub, _doorbell, admission = parts()
+    store.add_agent(TOKEN)
+    store.hold = asyncio.Event()
+    admitting = asyncio.create_task(admission.admit(DIGEST, wait=True))
+    await asyncio.wait_for(store.reading.wait(), 1)
+    assert admission.in_use == 1
+    admitting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+    assert (admission.in_use, admission.agent_slots, len(hub)) == (0, 0, 0)
+
+
+async def test_a_shutdown_during_the_read_refuses_with_503() -> None:
+    """A connect whose read spans the shutdown is refused (503, Retry-After), not left open."""
+    store, hub, _doorbell, admission = parts()
+    store.add_agent(TOKEN)
+    store.hold = asyncio.Event()
+    admitting = asyncio.create_task(admission.admit(DIGEST, wait=True))
+    await asyncio.wait_for(store.reading.wait(), 1)
+    admission.stopping = True
+    store.hold.set()
+    with pytest.raises(ApiError) as refused:
+        await admitting
+    assert (refused.value.status, refused.value.headers) == (503, {"Retry-After": "1"})
+    assert (admission.in_use, admission.agent_slots, len(hub)) == (0, 0, 0)
+
+
+async def test_the_per_agent_cap_holds_and_frees() -> None:
+    """A third stream of one agent is a 429; releasing one lets the next in."""
+    store, _hub, _doorbell, admission = parts()
+    store.add_agent(TOKEN)
+    tickets = [await admission.admit(DIGEST, wait=False) for _ in range(2)]
+    with pytest.raises(ApiError) as refused:
+        await admission.admit(DIGEST, wait=False)
+    assert refused.value.status == 429
+    tickets.pop().release()
+    tickets.append(await admission.admit(DIGEST, wait=False))
+    for ticket in tickets:
+        ticket.release()
+    assert admission.agent_slots == 0

@@ -1,0 +1,151 @@
+"""Presence and receipts on the in-memory port: batched, re-asserted after any failure or a
+database that lost us, bounded while the database is away (docs/protocol.md §7)."""
+
+from __future__ import annotations
+
+import uuid
+
+from reinitd.server.admission import Admission, Ticket
+from reinitd.server.hub import Delivery, Hub
+from reinitd.server.memstore import MemoryStore
+from reinitd.server.presence import Presence
+from reinitd.wire import ReinitEvent
+from tests.support import sample
+
+REPLICA = "host:1:abcd"
+
+
+def waiting(presence: Presence, hub: Hub, *, mode: str = "sse") -> Ticket:
+    """A request that began to wait, as admission leaves it."""
+    admission = Admission(
+        MemoryStore(),
+        hub,
+        None,  # type: ignore[arg-type]  # no doorbell needed here
+        max_streams=100,
+        max_streams_per_agent=100,
+        presence=presence,
+    )
+    admission._take_process_slot()
+    ticket = Ticket(admission)
+    ticket.agent_id = uuid.uuid4()
+    ticket.subscription = hub.subscribe(uuid.uuid4(), wait=True)
+    ticket.open(mode, "r")
+    return ticket
+
+
+async def test_one_statement_reports_many_requests() -> None:
+    """A hundred requests that began since the last report cost one statement, not a hundred."""
+    store, hub = MemoryStore(), Hub()
+    presence = Presence(store, REPLICA)
+    tickets = [waiting(presence, hub) for _ in range(100)]
+    await presence.flush()
+    assert store.calls["report_presence"] == 1
+    assert {row.agent_id for row in store.presence[REPLICA].values()} == {
+        t.agent_id for t in tickets
+    }
+
+
+async def test_a_request_that_comes_and_goes_between_reports_is_never_written() -> None:
+    """Joined and left within one interval: the database hears nothing of it."""
+    store, hub = MemoryStore(), Hub()
+    presence = Presence(store, REPLICA)
+    await presence.flush()  # the first, full report
+    ticket = waiting(presence, hub)
+    ticket.release()
+    await presence.flush()
+    assert store.presence[REPLICA] == {}
+    assert len(presence) == 0
+
+
+async def test_ended_requests_leave_with_the_next_report() -> None:
+    """A reported request that ends is taken away by the next report; the others stay."""
+    store, hub = MemoryStore(), Hub()
+    presence = Presence(store, REPLICA)
+    staying, leaving = waiting(presence, hub, mode="json"), waiting(presence, hub)
+    await presence.flush()
+    leaving.release()
+    await presence.flush()
+    rows = list(store.presence[REPLICA].values())
+    assert [(r.agent_id, r.mode, r.wait) for r in rows] == [(staying.agent_id, "json", True)]
+
+
+async def test_after_a_failed_report_everything_is_reasserted() -> None:
+    """An outage loses the reports made during it; the first one after carries everything."""
+    store, hub = MemoryStore(), Hub()
+    presence = Presence(store, REPLICA)
+    first = waiting(presence, hub)
+    await presence.flush()
+    store.fail = ConnectionRefusedError("away")
+    first.release()
+    second = waiting(presence, hub)
+    before = sample("reinitd_presence_reports_total", outcome="failed")
+    await presence.flush()
+    assert sample("reinitd_presence_reports_total", outcome="failed") == before + 1
+    store.fail = None
+    await presence.flush()
+    assert [r.agent_id for r in store.presence[REPLICA].values()] == [second.agent_id]
+
+
+async def test_a_database_that_lost_the_replica_gets_everything_at_once() -> None:
+    """A crash or a failover emptied the tables: the next partial report is refused and a
+    full one follows in the same flush."""
+    store, hub = MemoryStore(), Hub()
+    presence = Presence(store, REPLICA)
+    held = [waiting(presence, hub) for _ in range(3)]
+    await presence.flush()
+    store.presence.clear()  # what a crash does to an unlogged table
+    waiting(presence, hub)
+    await presence.flush()
+    assert len(store.presence[REPLICA]) == 4
+    assert {t.agent_id for t in held} <= {r.agent_id for r in store.presence[REPLICA].values()}
+
+
+async def test_a_listener_reconnect_reasserts() -> None:
+    """After `reassert` (a listener reconnect) the next report is full even without changes."""
+    store, hub = MemoryStore(), Hub()
+    presence = Presence(store, REPLICA)
+    waiting(presence, hub)
+    await presence.flush()
+    store.presence[REPLICA].clear()  # a promoted standby never saw them
+    presence.reassert()
+    await presence.flush()
+    assert len(store.presence[REPLICA]) == 1
+
+
+async def test_receipts_wait_for_the_database_and_are_bounded() -> None:
+    """Receipts written during an outage are written after it; beyond the bound the oldest
+    are dropped and counted."""
+    store, hub = MemoryStore(), Hub()
+    presence = Presence(store, REPLICA, receipt_limit=3)
+    ticket = waiting(presence, hub)
+    store.fail = ConnectionRefusedError("away")
+    build = uuid.uuid4()
+    event = ReinitEvent(ticket.subscription.workspace_id, owner_id=uuid.uuid4())  # type: ignore[union-attr]
+    dropped = sample("reinitd_receipts_total", outcome="dropped")
+    for path in ("seeded", "notify", "resync", "notify"):
+        ticket.delivered(Delivery(event, path, build_id=build))
+    await presence.flush()
+    assert store.receipts == []
+    assert presence.pending_receipts == 3
+    assert sample("reinitd_receipts_total", outcome="dropped") == dropped + 1
+    store.fail = None
+    await presence.flush()
+    assert [(r.path, r.build_id, r.kind) for _, r in store.receipts] == [
+        ("notify", build, "event"),
+        ("resync", build, "event"),
+        ("notify", build, "event"),
+    ]
+    assert presence.pending_receipts == 0
+
+
+async def test_close_writes_receipts_and_retires_the_replica() -> None:
+    """A clean stop writes what is pending and takes the replica's rows away."""
+    store, hub = MemoryStore(), Hub()
+    presence = Presence(store, REPLICA)
+    ticket = waiting(presence, hub)
+    await presence.flush()
+    event = ReinitEvent(uuid.uuid4(), owner_id=uuid.uuid4())
+    ticket.delivered(Delivery(event, "notify"))
+    await presence.close(within=1)
+    assert REPLICA not in store.presence
+    assert len(store.receipts) == 1
