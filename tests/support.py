@@ -106,8 +106,13 @@ class Sql:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
 
-    async def prebuild(self, name: str = "pb") -> Agent:
-        row = await self.conn.fetchrow("SELECT * FROM reinitd.create_prebuild($1)", name)
+    async def prebuild(self, name: str = "pb", pool: str | None = None) -> Agent:
+        if pool is None:  # the one-argument call, as before pools
+            row = await self.conn.fetchrow("SELECT * FROM reinitd.create_prebuild($1)", name)
+        else:
+            row = await self.conn.fetchrow(
+                "SELECT * FROM reinitd.create_prebuild($1, $2)", name, pool
+            )
         assert row is not None
         return Agent(row["workspace_id"], row["agent_id"], row["agent_token"])
 

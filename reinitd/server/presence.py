@@ -187,8 +187,10 @@ class Presence:
             try:
                 await self._store.record_deliveries(self.replica, receipts)
             except Exception as exc:
-                # Kept, oldest first, for the next attempt (bounded by `receipt`).
+                # Kept, oldest first, for the next attempt (bounded by `receipt`); and an
+                # outage may have lost presence too: the next report carries everything.
                 self._receipts.extendleft(reversed(batch))
+                self._full = True
                 self._failed("receipts_write_failed", exc, pending=len(self._receipts))
                 return
             finally:

@@ -120,11 +120,15 @@ async def _replayed(pair: Pair, primary: asyncpg.Connection) -> None:
         await standby.close()
 
 
+PRESENT = "SELECT agent_id FROM reinitd.agent_presence"
+
+
 async def test_waiting_agents_get_claims_across_a_standby_promotion(
     pair: Pair, primary_conn: asyncpg.Connection, make_server: ServerFactory
 ) -> None:
     """Primary stopped, standby promoted: agents waiting since before get every claim once —
-    committed just before the stop, on the new primary at once, and after /readyz recovers."""
+    committed just before the stop, on the new primary at once, and after /readyz recovers —
+    and the new primary's agent_presence shows them again."""
     client = await make_server(database_url=pair.url)
     sql = Sql(primary_conn)
     agents = [await sql.prebuild(name) for name in ("before", "during", "after")]
@@ -145,6 +149,13 @@ async def test_waiting_agents_get_claims_across_a_standby_promotion(
         async with asyncio.timeout(15):
             while (await client.get("/readyz")).status != 200:
                 await asyncio.sleep(0.1)
+        # The promoted standby never had the unlogged presence rows: the replica re-asserts
+        # what it holds (the three streams are still open).
+        async with asyncio.timeout(5):
+            while {r["agent_id"] for r in await new_primary.fetch(PRESENT)} != {
+                a.agent_id for a in agents
+            }:
+                await asyncio.sleep(0.05)
         await Sql(new_primary).claim(agents[2].workspace_id, owner)
         assert (await streams[2].event()).data == claimed(agents[2].workspace_id, owner)
     finally:
