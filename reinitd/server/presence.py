@@ -1,5 +1,5 @@
 """Presence and receipts: what this replica holds and what it wrote, told to the database in
-batches (docs/protocol.md §7).
+batches (docs/protocol.md §8).
 
 Nothing here is on a request's path: a request that begins or ends to wait, or a frame that
 is written, only touches a dict or a deque. One task reports every `interval` seconds what

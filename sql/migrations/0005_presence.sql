@@ -1,4 +1,4 @@
--- The database sees its agents (docs/protocol.md §7): who is waiting now and on which replica,
+-- The database sees its agents (docs/protocol.md §8): who is waiting now and on which replica,
 -- which prebuilds of a pool have a listening agent, a claim of the longest-waiting one that
 -- never waits on another caller's lock, and a receipt for every frame that told an agent.
 --

@@ -1,4 +1,4 @@
-"""The database sees its agents (docs/protocol.md §7): presence, ready claims and delivery
+"""The database sees its agents (docs/protocol.md §8): presence, ready claims and delivery
 receipts, on the real PostgreSQL and real `serve` processes."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Presence and receipts on the in-memory port: batched, re-asserted after any failure or a
-database that lost us, bounded while the database is away (docs/protocol.md §7)."""
+database that lost us, bounded while the database is away (docs/protocol.md §8)."""
 
 from __future__ import annotations
 
