@@ -14,15 +14,19 @@ from reinitd.server import middleware
 from reinitd.server.connection import AcceptErrors
 from reinitd.server.keys import REFUSALS, SETTINGS
 from reinitd.server.refusal import Refusals
-from reinitd.server.throttle import LogThrottle
 from reinitd.settings import serve_settings
 from tests.support import sample
 
 
-def request(*, closing: bool) -> web.Request:
+def application() -> web.Application:
     app = web.Application()
     app[REFUSALS] = Refusals()
     app[SETTINGS] = serve_settings(database_url="postgresql://db/reinitd")
+    return app
+
+
+def request(*, closing: bool, app: web.Application | None = None) -> web.Request:
+    app = app or application()
     transport = mock.Mock()
     transport.is_closing.return_value = closing
     return make_mocked_request(
@@ -52,9 +56,11 @@ def test_a_client_gone_is_499_and_not_an_error() -> None:
 def test_the_database_away_is_503_with_retry_after_logged_once(exc: Exception) -> None:
     """While the database is unreachable, requests get 503 JSON with Retry-After, and the log
     says so once per interval, not once per request."""
-    middleware._database_down = LogThrottle()
+    app = application()
     with structlog.testing.capture_logs() as logs:
-        responses = [middleware._failure(request(closing=False), exc, "r") for _ in range(20)]
+        responses = [
+            middleware._failure(request(closing=False, app=app), exc, "r") for _ in range(20)
+        ]
     assert {r.status for r in responses} == {503}
     assert all(r.headers["Retry-After"] == "5" for r in responses)
     assert [entry["event"] for entry in logs].count("database_unavailable") == 1
