@@ -23,3 +23,5 @@ READINESS = web.AppKey("readiness", Readiness)
 REFUSALS = web.AppKey("refusals", Refusals)
 
 REQUEST_ID = web.RequestKey("request_id", str)
+# Set on a refused request that gets no access line (reinitd.server.access).
+UNLOGGED = web.RequestKey("unlogged", bool)
