@@ -48,6 +48,7 @@ _QUERY_SQLSTATES: Final = {
     "57014": "timed_out",
     "55P03": "timed_out",
     "57P03": "starting_or_stopping",
+    "08003": "terminated",  # asyncpg: the connection closed in the middle of an operation
     "08": "unreachable",
     "53": "overloaded",
     "57": "terminated",  # 57P01 terminated by an administrator, 57P02 crash, 57P04 dropped
@@ -83,6 +84,11 @@ def classify(exc: BaseException, *, connecting: bool = False) -> Outage | None:
         return Outage("terminated")
     if not isinstance(exc, asyncpg.PostgresError):
         return None
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, asyncpg.ConnectionDoesNotExistError) and isinstance(
+        cause, asyncpg.PostgresError
+    ):
+        return classify(cause)  # asyncpg's "closed in the middle of operation", and why
     sqlstate = str(exc.sqlstate)
     kind = _QUERY_SQLSTATES.get(sqlstate) or _QUERY_SQLSTATES.get(sqlstate[:2])
     if kind is None and connecting:

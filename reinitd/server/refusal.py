@@ -22,10 +22,11 @@ class Refusals:
     def outage(self, outage: Outage, error: str) -> None:
         """A request refused because the database is away or turned us away (503): counted
         as a refusal and by kind, and logged as `database_unavailable` once per interval per
-        kind, at ERROR when an operator must act (a login that is refused), else WARNING."""
+        cause, at ERROR when an operator must act (a login that is refused), else WARNING."""
         metrics.REFUSALS.labels("database_unavailable").inc()
         metrics.DATABASE_OUTAGES.labels(outage.kind).inc()
-        suppressed = self._outages.allow(outage.kind)
+        # Per cause: a refusal that turns into another (55000, then 3D000) gets its own line.
+        suppressed = self._outages.allow(f"{outage.kind}:{outage.sqlstate}")
         if suppressed is not None:
             (log.error if outage.operator_must_fix else log.warning)(
                 "database_unavailable",
