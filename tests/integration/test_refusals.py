@@ -98,6 +98,19 @@ def _assert_outage(
     )
 
 
+async def _expect_outage(client: Client, kind: str, sqlstate: str, level: str) -> None:
+    """New wait=true requests now: each a 503 of this outage (see _assert_outage), counted."""
+    errors_before = sample("reinitd_responses_total", status="500")
+    outages_before = sample("reinitd_database_outages_total", kind=kind)
+    with structlog.testing.capture_logs() as logs:
+        answers = await _refused(client)
+    _assert_outage(
+        answers, logs, kind=kind, sqlstate=sqlstate, level=level, errors_before=errors_before
+    )
+    assert sample("reinitd_database_outages_total", kind=kind) == outages_before + len(answers)
+    assert (await answers[0].json())["message"] == "Service unavailable."
+
+
 @pytest.fixture
 async def role_url(conn: asyncpg.Connection, postgres: Cluster) -> AsyncIterator[str]:
     """A login role of its own in reinitd_server (what these tests alter), dropped after."""
@@ -112,77 +125,32 @@ async def role_url(conn: asyncpg.Connection, postgres: Cluster) -> AsyncIterator
         )
 
 
-async def _refusal(
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("ALTER ROLE %I CONNECTION LIMIT 0", "overloaded", "53300", "warning"),
+        ("ALTER ROLE %I NOLOGIN", "not_allowed", "28000", "error"),
+        (f"ALTER ROLE %I PASSWORD '{uuid.uuid4().hex}'", "not_allowed", "28P01", "error"),
+    ],
+    ids=["connection_limit_0", "nologin", "password_changed"],
+)
+async def test_a_login_the_role_is_refused_is_a_503_not_a_500(
     make_server: ServerFactory,
     conn: asyncpg.Connection,
-    url: str,
-    statement: str,
-    *,
-    kind: str,
-    sqlstate: str,
-    level: str,
+    role_url: str,
+    case: tuple[str, str, str, str],
 ) -> None:
-    client = await make_server(database_url=url)
+    """The server's role altered under it (CONNECTION LIMIT 0: 53300; NOLOGIN: 28000; a new
+    password: 28P01), the pool's connections terminated: every new wait=true request gets a
+    503 with Retry-After, one line at WARNING (or ERROR when an operator must act), counted
+    by kind, no traceback, no 500."""
+    statement, kind, sqlstate, level = case
+    client = await make_server(database_url=role_url)
     assert (await _refused(client, 1))[0].status == 401  # the database answers
-    role = _role(url)
+    role = _role(role_url)
     await _alter(conn, statement, role)
     await _terminate_pool(conn, client, role)
-    errors_before = sample("reinitd_responses_total", status="500")
-    outages_before = sample("reinitd_database_outages_total", kind=kind)
-    with structlog.testing.capture_logs() as logs:
-        answers = await _refused(client)
-    _assert_outage(
-        answers, logs, kind=kind, sqlstate=sqlstate, level=level, errors_before=errors_before
-    )
-    assert sample("reinitd_database_outages_total", kind=kind) == outages_before + len(answers)
-    body = await answers[0].json()
-    assert body["message"] == "Service unavailable."
-
-
-async def test_a_role_at_its_connection_limit_is_a_503_not_a_500(
-    make_server: ServerFactory, conn: asyncpg.Connection, role_url: str
-) -> None:
-    """ALTER ROLE … CONNECTION LIMIT 0 (53300): 503 with Retry-After, one WARNING line."""
-    await _refusal(
-        make_server,
-        conn,
-        role_url,
-        "ALTER ROLE %I CONNECTION LIMIT 0",
-        kind="overloaded",
-        sqlstate="53300",
-        level="warning",
-    )
-
-
-async def test_a_role_that_may_not_log_in_is_a_503_logged_as_an_error(
-    make_server: ServerFactory, conn: asyncpg.Connection, role_url: str
-) -> None:
-    """ALTER ROLE … NOLOGIN (28000): 503 with Retry-After, one ERROR line (an operator must
-    act), no traceback."""
-    await _refusal(
-        make_server,
-        conn,
-        role_url,
-        "ALTER ROLE %I NOLOGIN",
-        kind="not_allowed",
-        sqlstate="28000",
-        level="error",
-    )
-
-
-async def test_a_changed_password_is_a_503_logged_as_an_error(
-    make_server: ServerFactory, conn: asyncpg.Connection, role_url: str
-) -> None:
-    """The role's password changed under the server (28P01): 503, one ERROR line."""
-    await _refusal(
-        make_server,
-        conn,
-        role_url,
-        f"ALTER ROLE %I PASSWORD '{uuid.uuid4().hex}'",
-        kind="not_allowed",
-        sqlstate="28P01",
-        level="error",
-    )
+    await _expect_outage(client, kind, sqlstate, level)
 
 
 @contextlib.asynccontextmanager
@@ -219,30 +187,11 @@ async def test_a_database_that_refuses_connections_or_is_gone_is_a_503(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
         )
         await _terminate_pool(conn, client, _role(role_url))
-        errors_before = sample("reinitd_responses_total", status="500")
-        with structlog.testing.capture_logs() as logs:
-            answers = await _refused(client)
-        _assert_outage(
-            answers,
-            logs,
-            kind="not_allowed",
-            sqlstate="55000",
-            level="error",
-            errors_before=errors_before,
-        )
+        await _expect_outage(client, "not_allowed", "55000", "error")
         gone = f"{name}_gone"
         await _alter(conn, "ALTER DATABASE %I RENAME TO %I", name, gone)
         try:
-            with structlog.testing.capture_logs() as logs:
-                answers = await _refused(client)
-            _assert_outage(
-                answers,
-                logs,
-                kind="not_allowed",
-                sqlstate="3D000",
-                level="error",
-                errors_before=errors_before,
-            )
+            await _expect_outage(client, "not_allowed", "3D000", "error")
         finally:
             await _alter(conn, "ALTER DATABASE %I RENAME TO %I", gone, name)
 
