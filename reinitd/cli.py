@@ -67,6 +67,8 @@ ENTRY = {
 
 
 def _shown(default: Any) -> str:
+    if isinstance(default, bool):
+        return "yes" if default else "no"
     return "unset" if default is None else str(default)
 
 

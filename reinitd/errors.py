@@ -42,7 +42,15 @@ class SettingError(ReinitdError, ValueError):
 
 
 class DatabaseUnavailableError(ReinitdError):
-    """PostgreSQL could not be reached, or refused us; the message names where."""
+    """PostgreSQL could not be reached, or refused us; the message names where, `kind` (one
+    of reinitd.server.database.OUTAGE_KINDS) and `sqlstate` say what it was."""
+
+    def __init__(
+        self, message: str, kind: str = "unreachable", sqlstate: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.sqlstate = sqlstate
 
 
 class EmbeddedError(ReinitdError):

@@ -111,6 +111,10 @@ def agent_token(text: str) -> str:
     return text.strip()
 
 
+def yes_no(text: str) -> bool:
+    return text == "yes"
+
+
 def text(value: str) -> str:
     if not value.strip():
         raise SettingError("expected a value")
@@ -317,6 +321,16 @@ SERVE: tuple[Option, ...] = (
         metavar="DURATION",
     ),
     Option(
+        "trust_request_id",
+        "REINITD_TRUST_REQUEST_ID",
+        False,
+        "yes behind a proxy that sets X-Request-ID itself: a request's X-Request-ID is then "
+        "its request id in the logs; no (the default): the server makes its own, and logs a "
+        "client's as client_request_id",
+        yes_no,
+        choices=("yes", "no"),
+    ),
+    Option(
         "shutdown_timeout",
         "REINITD_SHUTDOWN_TIMEOUT",
         5.0,
@@ -461,6 +475,7 @@ class Settings:
     event_loop: str
     connect_timeout: float
     query_timeout: float
+    trust_request_id: bool
     shutdown_timeout: float
     presence: str
     presence_ttl: float

@@ -1,4 +1,4 @@
-"""The access log: one `http_request` line per request, never the query string."""
+"""The access log: one `http_request` line per request served, never the query string."""
 
 from __future__ import annotations
 
@@ -6,13 +6,20 @@ import structlog
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
+from reinitd.server.keys import UNLOGGED
+
 _access = structlog.get_logger("reinitd.access")
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One `http_request` line per request; never the query string (it may hold a token)."""
+    """One `http_request` line per request served; never the query string (it may hold a
+    token). A refused request marked UNLOGGED (a 401 among them: a token-guessing flood) gets
+    none: it is counted in full and logged once per interval per reason (`request_refused`,
+    `database_unavailable`), so no flood can fill a disk."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        if request.get(UNLOGGED):
+            return
         _access.info(
             "http_request",
             method=request.method,

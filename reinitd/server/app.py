@@ -10,10 +10,18 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from reinitd.errors import DatabaseUnavailableError
 from reinitd.server import handler
 from reinitd.server.admission import Admission
 from reinitd.server.connection import Runner, fit
-from reinitd.server.database import CONNECTION_ERRORS, statement_cache_size, uncancelled
+from reinitd.server.database import (
+    CONNECT_ERRORS,
+    Outage,
+    classify,
+    describe,
+    statement_cache_size,
+    uncancelled,
+)
 from reinitd.server.doorbell import CHANNEL, Doorbell
 from reinitd.server.hub import Hub
 from reinitd.server.keys import (
@@ -64,9 +72,9 @@ async def _warm(conn: asyncpg.Connection) -> None:
         try:
             # Not cancelled midway (an acquire's timeout): that costs a cancel request.
             await uncancelled(conn.fetch(query, argument))
-        except CONNECTION_ERRORS:
-            raise  # the connection is gone: asyncpg discards it, as after a failed connect
-        except asyncpg.PostgresError:
+        except asyncpg.PostgresError as exc:
+            if classify(exc) is not None:
+                raise  # an outage: asyncpg discards the connection, as after a failed connect
             # A refusal (a missing grant) is the query's own to report, with its traceback,
             # when it is used: warming up never changes what a request gets.
             continue
@@ -75,18 +83,25 @@ async def _warm(conn: asyncpg.Connection) -> None:
 async def _pool(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     cached = statement_cache_size(settings.database_pooler)
-    app[POOL] = await asyncpg.create_pool(
-        settings.dsn,
-        min_size=settings.pool_min_size,
-        max_size=settings.pool_max_size,
-        server_settings={"application_name": "reinitd"},
-        # Behind a transaction pooler, a backend warmed now is not the one of the next query.
-        init=_warm if cached else None,
-        reset=_no_reset,
-        timeout=settings.connect_timeout,
-        command_timeout=settings.query_timeout,
-        statement_cache_size=cached,
-    )
+    try:
+        app[POOL] = await asyncpg.create_pool(
+            settings.dsn,
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
+            server_settings={"application_name": "reinitd"},
+            # Behind a transaction pooler, a backend warmed now is not the one of the next
+            # query.
+            init=_warm if cached else None,
+            reset=_no_reset,
+            timeout=settings.connect_timeout,
+            command_timeout=settings.query_timeout,
+            statement_cache_size=cached,
+        )
+    except CONNECT_ERRORS as exc:  # refused at start: one clear line, and serve exits 1
+        outage = classify(exc, connecting=True) or Outage("unreachable")
+        raise DatabaseUnavailableError(
+            describe(exc, settings.dsn, settings.connect_timeout), outage.kind, outage.sqlstate
+        ) from None
     yield
     await app[POOL].close()
 

@@ -17,7 +17,7 @@ from reinitd.backoff import backoff_delay
 from reinitd.errors import PayloadError
 from reinitd.server import metrics
 from reinitd.server.claim import Deliver, Refuse, Verdict
-from reinitd.server.database import CONNECTION_ERRORS
+from reinitd.server.database import classify
 from reinitd.server.hub import Hub
 from reinitd.server.throttle import LogThrottle
 
@@ -188,10 +188,11 @@ class Doorbell:
             if not (self._rung or self._resync or self._resync_asked):
                 self._idle.set()
                 self._wake.clear()
+                # asyncio.timeout, not wait_for: 3.11's wait_for can drop a cancellation that
+                # lands as the wait completes, which left a stop waiting on this task forever.
                 try:
-                    await asyncio.wait_for(
-                        self._wake.wait(), max(0.0, next_resync - time.monotonic())
-                    )
+                    async with asyncio.timeout_at(next_resync):
+                        await self._wake.wait()
                 except TimeoutError:
                     self._resync_asked = True  # the safety net
             if self._resync_asked:
@@ -212,11 +213,13 @@ class Doorbell:
                 failures += 1
                 metrics.READS.labels("failed").inc()
                 delay = backoff_delay(failures, self.retry_floor, 5.0)
-                if not isinstance(exc, CONNECTION_ERRORS):
+                outage = classify(exc)
+                if outage is None:
                     log.exception("read_error")
-                log.warning(
+                (log.error if outage and outage.operator_must_fix else log.warning)(
                     "read_failed",
                     error=str(exc) or type(exc).__name__,
+                    kind=outage.kind if outage else "bug",
                     attempt=failures,
                     retry_in_s=round(delay, 3),
                 )

@@ -25,3 +25,5 @@ REFUSALS = web.AppKey("refusals", Refusals)
 PRESENCE = web.AppKey("presence", Presence)  # absent with --presence off
 
 REQUEST_ID = web.RequestKey("request_id", str)
+# Set on a refused request that gets no access line (reinitd.server.access).
+UNLOGGED = web.RequestKey("unlogged", bool)

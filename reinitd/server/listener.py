@@ -15,7 +15,7 @@ import structlog
 from reinitd.backoff import backoff_delay
 from reinitd.errors import EchoFailed
 from reinitd.server import metrics
-from reinitd.server.database import CONNECT_ERRORS, CONNECT_TIMEOUT, CONNECTION_ERRORS
+from reinitd.server.database import CONNECT_TIMEOUT, Outage, classify
 from reinitd.server.query import QUERIES
 from reinitd.server.router import Router
 
@@ -191,12 +191,19 @@ class Listener:
                     # which a pooler in its way would break (it is then found deaf instead).
                     statement_cache_size=0,
                 )
-            except CONNECT_ERRORS as exc:
+            except Exception as exc:
+                # Whatever PostgreSQL or the network says, the listener lives on: a refusal
+                # of the login is retried like a closed port (a bug too, with its traceback).
+                outage = classify(exc, connecting=True)
+                if outage is None:
+                    log.exception("listener_connect_error")
+                    outage = Outage("unreachable")
                 attempt += 1
                 delay = backoff_delay(attempt, self.backoff_floor, self.backoff_ceiling)
-                level = log.warning if attempt < WARN_ATTEMPTS else log.error
-                level(
+                persistent = attempt >= WARN_ATTEMPTS or outage.operator_must_fix
+                (log.error if persistent else log.warning)(
                     "listener_connect_failed",
+                    kind=outage.kind,
                     attempt=attempt,
                     error=str(exc) or type(exc).__name__,
                     retry_in_s=round(delay, 3),
@@ -208,11 +215,18 @@ class Listener:
             attempt, down_since = 0, None
             try:
                 await self._serve(conn, reconnect_attempt, was_down_since)
-            except CONNECTION_ERRORS as exc:
-                log.warning("listener_disconnected", error=str(exc) or type(exc).__name__)
-            except Exception:
-                # Whatever went wrong, the listener must live on: reconnect like after a loss.
-                log.exception("listener_failed")
+            except Exception as exc:
+                outage = classify(exc)
+                if outage is None:
+                    # Whatever went wrong, the listener must live on: reconnect like after a
+                    # loss.
+                    log.exception("listener_failed")
+                else:
+                    log.warning(
+                        "listener_disconnected",
+                        kind=outage.kind,
+                        error=str(exc) or type(exc).__name__,
+                    )
             finally:
                 self._set_connection(None)
                 conn.terminate()
@@ -242,8 +256,11 @@ class Listener:
         while not lost.is_set():
             quiet_for = time.monotonic() - self._heard_at
             if quiet_for < self.probe_interval:  # hearing NOTIFYs proves it is alive
+                # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancellation that
+                # lands as the wait completes.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(lost.wait(), self.probe_interval - quiet_for)
+                    async with asyncio.timeout(self.probe_interval - quiet_for):
+                        await lost.wait()
                 continue
             # A quiet connection is only found dead at its next I/O: probe it.
             async with asyncio.timeout(self.probe_timeout):

@@ -6,6 +6,8 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_creat
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from reinitd.server.database import OUTAGE_KINDS
+
 # `_created` samples only double the scrape; nobody alerts on them. (Untyped upstream.)
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -83,6 +85,12 @@ STALLED_CLIENTS = Counter(
 REFUSALS = Counter(
     "reinitd_refusals_total", "Requests refused, by reason (auth, limits, conflicts)", ["reason"]
 )
+DATABASE_OUTAGES = Counter(
+    "reinitd_database_outages_total",
+    "Requests refused with 503 because PostgreSQL was away or turned the server away, by kind "
+    "(not_allowed: the login, password or database, for an operator to fix)",
+    ["kind"],
+)
 
 CLOSE_REASONS = ("evicted", "shed", "silent")
 CONNECTIONS = Gauge("reinitd_connections", "Open client connections")
@@ -134,6 +142,8 @@ for _outcome in PRESENCE_REPORT_OUTCOMES:
     PRESENCE_REPORTS.labels(_outcome)
 for _outcome in RECEIPT_OUTCOMES:
     RECEIPTS.labels(_outcome)
+for _kind in OUTAGE_KINDS:
+    DATABASE_OUTAGES.labels(_kind)
 for _wait in ("true", "false"):
     OPEN_STREAMS.labels(_wait)
 for _status in ("200", "204", "400", "401", "404", "405", "409", "429", "499", "500", "503"):

@@ -11,13 +11,15 @@ from aiohttp.typedefs import Handler
 
 from reinitd.errors import ApiError
 from reinitd.server import database, metrics
-from reinitd.server.database import CONNECTION_ERRORS
-from reinitd.server.keys import REFUSALS, REQUEST_ID, SETTINGS
-from reinitd.server.throttle import LogThrottle
+from reinitd.server.keys import REFUSALS, REQUEST_ID, SETTINGS, UNLOGGED
 
 log = structlog.get_logger("reinitd.http")
 
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Refusals that still get an access line: answers to an agent whose token is known (so no
+# stranger can flood them), which an operator looks for when an agent says it was refused.
+# Every other refusal is counted in full and logged once per interval per reason.
+LOGGED_REFUSALS = frozenset({409, 429})
 
 
 def _json_error(status: int, message: str, detail: str) -> web.Response:
@@ -26,12 +28,19 @@ def _json_error(status: int, message: str, detail: str) -> web.Response:
 
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bind a request id (X-Request-ID when sane) and turn every failure into JSON."""
+    """Bind a request id and turn every failure into JSON. A client's sane X-Request-ID is the
+    request id only behind a trusted proxy (--trust-request-id); otherwise the id is our own
+    and the client's is logged beside it as `client_request_id`, so that no client can pass
+    its requests off as another stream's in the log."""
     given = request.headers.get("X-Request-ID", "")
-    request_id = given if _SAFE_REQUEST_ID.fullmatch(given) else os.urandom(8).hex()
+    sane = _SAFE_REQUEST_ID.fullmatch(given) is not None
+    trusted = sane and request.app[SETTINGS].trust_request_id
+    request_id = given if trusted else os.urandom(8).hex()
     # bind (not the context-manager form): the access log line after the handler keeps it.
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    if sane and not trusted:
+        structlog.contextvars.bind_contextvars(client_request_id=given)
     request[REQUEST_ID] = request_id
     try:
         response = await handler(request)
@@ -39,6 +48,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         response = _json_error(exc.status, exc.message, exc.detail)
         response.headers.update(exc.headers)
         request.app[REFUSALS].refuse(exc.reason, exc.status, exc.detail)
+        request[UNLOGGED] = exc.status not in LOGGED_REFUSALS
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -46,32 +56,27 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         if exc.status == 405:
             response.headers["Allow"] = exc.headers.get("Allow", "")
         request.app[REFUSALS].refuse(f"http_{exc.status}", exc.status, request.path[:200])
+        request[UNLOGGED] = True
     except Exception as exc:
         response = _failure(request, exc, request_id)
     return response
 
 
-_database_down = LogThrottle()
-
-
 def _failure(request: web.Request, exc: Exception, request_id: str) -> web.Response:
     """What an unexpected exception means: the client left (499, nothing to send), the
-    database is away (503, retry), or a bug (500, logged with its traceback)."""
+    database is away or turned us away, whichever way (503, retry; see database.classify),
+    or a bug (500, logged with its traceback)."""
     transport = request.transport
     if transport is None or transport.is_closing():
         # The agent hung up before its answer: not a server error, and nothing to answer.
         metrics.CLIENT_GONE.inc()
         log.debug("client_gone", error=type(exc).__name__)
         return web.Response(status=499)
-    if isinstance(exc, CONNECTION_ERRORS):
-        suppressed = _database_down.allow("database")
-        if suppressed is not None:
-            log.warning(
-                "database_unavailable",
-                error=database.describe(exc, timeout=request.app[SETTINGS].query_timeout),
-                suppressed=suppressed,
-            )
-        request.app[REFUSALS].refuse("database_unavailable", 503, type(exc).__name__)
+    outage = database.classify(exc)
+    if outage is not None:
+        error = database.describe(exc, timeout=request.app[SETTINGS].query_timeout)
+        request.app[REFUSALS].outage(outage, error)
+        request[UNLOGGED] = True
         response = _json_error(
             503,
             "Service unavailable.",

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 
 from reinitd.server import metrics
-from reinitd.server.database import CONNECTION_ERRORS, describe
+from reinitd.server.database import classify, describe
 from reinitd.server.store import Present, Receipt, Store
 from reinitd.server.throttle import LogThrottle
 
@@ -223,8 +223,10 @@ class Presence:
         suppressed = self._failures.allow(event)
         if suppressed is None:
             return
-        if isinstance(exc, CONNECTION_ERRORS):
-            log.warning(event, error=describe(exc), suppressed=suppressed, **fields)
+        if (outage := classify(exc)) is not None:
+            log.warning(
+                event, error=describe(exc), kind=outage.kind, suppressed=suppressed, **fields
+            )
         else:
             log.error(event, exc_info=exc, suppressed=suppressed, **fields)
 

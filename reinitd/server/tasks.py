@@ -18,6 +18,8 @@ log = structlog.get_logger("reinitd.server.tasks")
 TaskFactory = Callable[[], Coroutine[Any, Any, None]]
 # A task that ran this long before failing restarts after a short delay again.
 STABLE_AFTER = 60.0
+# How long a stop waits for cancelled tasks before it goes on without them.
+STOP_WITHIN = 3.0
 
 
 async def supervise(name: str, factory: TaskFactory) -> None:
@@ -36,9 +38,29 @@ async def supervise(name: str, factory: TaskFactory) -> None:
         await asyncio.sleep(delay)
 
 
+async def stop(tasks: dict[str, asyncio.Task[None]], within: float = STOP_WITHIN) -> None:
+    """Cancel the tasks and wait at most `within` seconds for them to end. A task still running
+    then (a cancellation it lost or swallowed) is logged as `task_stuck` and left behind: no
+    task may hold a process's exit. Cancelled meanwhile, this still cancels every task."""
+    for task in tasks.values():
+        task.cancel()
+    pending = {task for task in tasks.values() if not task.done()}
+    if pending:
+        # asyncio.wait never raises a task's exception, and gives up at its timeout
+        _done, pending = await asyncio.wait(pending, timeout=within)
+    for name, task in tasks.items():
+        if task in pending:
+            log.error("task_stuck", task=name, waited_s=within)
+        elif not task.cancelled() and task.exception() is not None:
+            log.error("task_failed_on_stop", task=name, error=repr(task.exception()))
+
+
 @contextlib.asynccontextmanager
-async def running(tasks: dict[str, TaskFactory]) -> AsyncIterator[dict[str, asyncio.Task[None]]]:
-    """Supervise the named tasks for the duration of the block; cancel and await them after."""
+async def running(
+    tasks: dict[str, TaskFactory], *, stop_within: float = STOP_WITHIN
+) -> AsyncIterator[dict[str, asyncio.Task[None]]]:
+    """Supervise the named tasks for the duration of the block; then cancel them and wait for
+    them, `stop_within` seconds at most (see `stop`)."""
     started = {
         name: asyncio.create_task(supervise(name, factory), name=f"reinitd-{name}")
         for name, factory in tasks.items()
@@ -46,8 +68,4 @@ async def running(tasks: dict[str, TaskFactory]) -> AsyncIterator[dict[str, asyn
     try:
         yield started
     finally:
-        for task in started.values():
-            task.cancel()
-        for task in started.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(started, stop_within)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import aiohttp
@@ -32,7 +33,8 @@ def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 async def test_log_events_carry_request_id_and_no_secrets(client: Client, sql: Sql) -> None:
-    """Stable events, the caller's X-Request-ID on every line of the request, no token."""
+    """Stable events, the request id on every line of the request (the caller's X-Request-ID
+    beside it as client_request_id), no token."""
     agent = await sql.prebuild()
     with structlog.testing.capture_logs(
         processors=[structlog.contextvars.merge_contextvars]
@@ -49,9 +51,10 @@ async def test_log_events_carry_request_id_and_no_secrets(client: Client, sql: S
             while not any(e["event"] == "claim_payload_invalid" for e in logs):
                 await asyncio.sleep(0.01)
     by_event = {entry["event"]: entry for entry in logs}
-    assert by_event["agent_waiting"]["request_id"] == "req-42"
+    waiting = by_event["agent_waiting"]
+    assert waiting["client_request_id"] == "req-42"
     delivered = by_event["reinit_delivered"]
-    assert (delivered["path"], delivered["request_id"]) == ("notify", "req-42")
+    assert (delivered["path"], delivered["request_id"]) == ("notify", waiting["request_id"])
     assert delivered["workspace_id"] == str(agent.workspace_id)
     assert by_event["claim_payload_invalid"]["kind"] == "bad_uuid"
     digest = hashlib.sha256(agent.token.encode()).hexdigest()
@@ -120,13 +123,14 @@ async def test_unknown_paths_and_methods_answer_json(client: Client) -> None:
 
 
 async def test_request_id_is_echoed(client: Client, sql: Sql) -> None:
-    """A sane X-Request-ID is echoed, on streams too; a hostile one is replaced."""
+    """The request id is echoed, on streams too; a client's X-Request-ID is not ours to use
+    (no proxy is trusted by default), and a hostile one is replaced."""
     agent = await sql.prebuild()
     stream = await open_stream(client, agent.token, headers={"X-Request-ID": "stream-7"})
-    assert stream.response.headers["X-Request-ID"] == "stream-7"
+    assert re.fullmatch("[0-9a-f]{16}", stream.response.headers["X-Request-ID"])
     stream.response.close()
     echoed = await client.get("/healthz", headers={"X-Request-ID": "abc-1"})
-    assert echoed.headers["X-Request-ID"] == "abc-1"
+    assert re.fullmatch("[0-9a-f]{16}", echoed.headers["X-Request-ID"])
     replaced = await client.get("/healthz", headers={"X-Request-ID": "a b\tc" * 50})
     assert replaced.headers["X-Request-ID"] != "a b\tc" * 50
 

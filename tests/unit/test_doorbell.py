@@ -259,3 +259,22 @@ async def test_a_notify_queued_after_a_re_read_is_read_as_the_notify(
         item = legacy._take()
         assert isinstance(item, Delivery)
         assert (item.source, item.received_at) == ("notify", 5.0)
+
+
+@pytest.mark.parametrize("turns", range(6))
+async def test_a_doorbell_woken_as_it_is_cancelled_still_stops(turns: int) -> None:
+    """The reader idling for its next doorbell, rung and cancelled in the same instant (at
+    every offset of a few loop turns): the cancellation is never lost (3.11's wait_for lost
+    it, and a stop then waited on the reader forever)."""
+    doorbell = Doorbell(FakeDatabase().read, Hub())
+    task = asyncio.create_task(doorbell.run())
+    await asyncio.wait_for(doorbell.idle(), 5)
+    doorbell.ring_all()
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=2)
+    if not done:
+        task.cancel()  # end it anyway: the test has failed
+    assert task in done, "the reader lost its cancellation and went back to idling"
+    assert task.cancelled()

@@ -10,19 +10,23 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from reinitd.server import middleware
+from reinitd.server import database, middleware
 from reinitd.server.connection import AcceptErrors
 from reinitd.server.keys import REFUSALS, SETTINGS
 from reinitd.server.refusal import Refusals
-from reinitd.server.throttle import LogThrottle
 from reinitd.settings import serve_settings
 from tests.support import sample
 
 
-def request(*, closing: bool) -> web.Request:
+def application() -> web.Application:
     app = web.Application()
     app[REFUSALS] = Refusals()
     app[SETTINGS] = serve_settings(database_url="postgresql://db/reinitd")
+    return app
+
+
+def request(*, closing: bool, app: web.Application | None = None) -> web.Request:
+    app = app or application()
     transport = mock.Mock()
     transport.is_closing.return_value = closing
     return make_mocked_request(
@@ -52,9 +56,11 @@ def test_a_client_gone_is_499_and_not_an_error() -> None:
 def test_the_database_away_is_503_with_retry_after_logged_once(exc: Exception) -> None:
     """While the database is unreachable, requests get 503 JSON with Retry-After, and the log
     says so once per interval, not once per request."""
-    middleware._database_down = LogThrottle()
+    app = application()
     with structlog.testing.capture_logs() as logs:
-        responses = [middleware._failure(request(closing=False), exc, "r") for _ in range(20)]
+        responses = [
+            middleware._failure(request(closing=False, app=app), exc, "r") for _ in range(20)
+        ]
     assert {r.status for r in responses} == {503}
     assert all(r.headers["Retry-After"] == "5" for r in responses)
     assert [entry["event"] for entry in logs].count("database_unavailable") == 1
@@ -85,3 +91,66 @@ def test_accept_errors_are_logged_once_per_interval() -> None:
     assert sample("reinitd_accept_errors_total") == before + 1000
     assert [entry["event"] for entry in logs] == ["accept_failed"]
     loop.default_exception_handler.assert_called_once_with({"message": "something else"})
+
+
+@pytest.mark.parametrize(
+    ("exc", "connecting", "kind"),
+    [
+        (
+            asyncpg.CannotConnectNowError("the database system is shutting down"),
+            True,
+            "starting_or_stopping",
+        ),
+        (
+            asyncpg.CannotConnectNowError("the database system is starting up"),
+            False,
+            "starting_or_stopping",
+        ),
+        (asyncpg.TooManyConnectionsError("too many connections for role"), True, "overloaded"),
+        (
+            asyncpg.InvalidAuthorizationSpecificationError("not permitted to log in"),
+            True,
+            "not_allowed",
+        ),
+        (asyncpg.InvalidPasswordError("password authentication failed"), True, "not_allowed"),
+        (asyncpg.InvalidCatalogNameError('database "x" does not exist'), True, "not_allowed"),
+        (
+            asyncpg.ObjectNotInPrerequisiteStateError("not accepting connections"),
+            True,
+            "not_allowed",
+        ),
+        (asyncpg.InsufficientPrivilegeError("permission denied for database"), True, "not_allowed"),
+        (asyncpg.AdminShutdownError("terminating connection"), False, "terminated"),
+        (
+            asyncpg.QueryCanceledError("canceling statement due to statement timeout"),
+            False,
+            "timed_out",
+        ),
+        (
+            asyncpg.LockNotAvailableError("canceling statement due to lock timeout"),
+            False,
+            "timed_out",
+        ),
+        (
+            asyncpg.ConnectionDoesNotExistError("closed in the middle of operation"),
+            False,
+            "terminated",
+        ),
+        (ConnectionRefusedError(111, "refused"), True, "unreachable"),
+        (TimeoutError(), False, "timed_out"),
+        # From a query, the same SQLSTATEs as a refused login are bugs: 500, not an outage.
+        (asyncpg.ObjectNotInPrerequisiteStateError("currval is not yet defined"), False, None),
+        (asyncpg.InsufficientPrivilegeError("permission denied for table"), False, None),
+        (ValueError("a bug"), True, None),
+    ],
+)
+def test_every_refusal_is_classified_by_what_it_is(
+    exc: BaseException, connecting: bool, kind: str | None
+) -> None:
+    """Each SQLSTATE PostgreSQL turns a server away with (57P03 from a smart shutdown
+    included, which the integration tier cannot cause without stopping its cluster) is an
+    outage of a kind; from a query, a refusal-looking SQLSTATE stays a bug."""
+    outage = database.classify(exc, connecting=connecting)
+    assert (outage.kind if outage else None) == kind
+    if outage is not None:
+        assert outage.operator_must_fix == (kind == "not_allowed")
