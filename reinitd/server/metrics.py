@@ -85,11 +85,14 @@ REFUSALS = Counter(
 )
 
 CLOSE_REASONS = ("evicted", "shed", "silent")
+# Heads answered 503 from the admission gate, without reaching the database.
+GATE_REFUSALS = ("database_stalled", "queued_too_long", "queue_full")
 CONNECTIONS = Gauge("reinitd_connections", "Open client connections")
 CONNECTIONS_CLOSED = Counter(
     "reinitd_connections_closed_total",
-    "Client connections closed by the connection budget: evicted (the oldest idle one, to make "
-    "room), shed (a new one, with none idle), silent (no byte before the first-byte deadline)",
+    "Client connections closed by the connection budget: evicted (an idle one, or one waiting "
+    "for admission, answered 503, to make room), shed (a new one, with neither), silent (no byte "
+    "before the first-byte deadline)",
     ["reason"],
 )
 ACCEPT_ERRORS = Counter(
@@ -112,6 +115,8 @@ for _path in ("seeded", "notify", "resync"):
     EVENTS_DELIVERED.labels(_path)
 for _reason in CLOSE_REASONS:
     CONNECTIONS_CLOSED.labels(_reason)
+for _reason in GATE_REFUSALS:
+    REFUSALS.labels(_reason)
 for _wait in ("true", "false"):
     OPEN_STREAMS.labels(_wait)
 for _status in ("200", "204", "400", "401", "404", "405", "409", "429", "499", "500", "503"):
