@@ -27,7 +27,17 @@ from bench.scenarios import Scenarios
 from reinitd.server.embedded import Cluster, ensure_cluster
 from reinitd.server.migration import migrate
 
-SECTIONS = ("capacity", "latency", "burst", "storm", "forged", "flood", "naive", "recovery")
+SECTIONS = (
+    "capacity",
+    "latency",
+    "burst",
+    "storm",
+    "forged",
+    "flood",
+    "compound",
+    "naive",
+    "recovery",
+)
 Run = Callable[[], Awaitable[dict[str, Any]]]
 
 
@@ -124,6 +134,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             lambda: bench.flood(args.flood_streams, args.flood),
             1,
         )
+        await repeat(
+            "compound",
+            f"stalled database ({args.compound_stall:g} s) under a flood of {args.compound_flood}",
+            lambda: bench.compound(args.compound_flood, args.compound_stall),
+            1,
+        )
         await repeat("naive", "naive baseline", lambda: bench.naive(args.naive_limit), 1)
         await repeat("recovery", "recovery", bench.recovery, 1)
         return out
@@ -153,6 +169,8 @@ def main() -> None:
     add("--storm", type=int, default=10_000, help="storm: agents connecting at once")
     add("--flood", type=int, default=10_000, help="idle connections per flooding process (2)")
     add("--flood-streams", type=int, default=1000, help="streams open during the idle flood")
+    add("--compound-flood", type=int, default=10_000, help="compound: heads sent at once")
+    add("--compound-stall", type=float, default=10.0, help="compound: seconds PostgreSQL stops")
     add("--naive-limit", type=int, default=1100, help="naive: stop after this many waiters")
     add("--max-connections", type=int, default=1000, help="PostgreSQL's max_connections")
     add("--only", default=",".join(SECTIONS), help="comma-separated sections to run")

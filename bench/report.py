@@ -118,6 +118,19 @@ def _flood(s: _Section) -> str:
     )
 
 
+def _compound(s: _Section) -> str:
+    return (
+        f"   Stalled database under a flood: PostgreSQL stopped {s.first('stall_s')} s while "
+        f"{s.first('flood')} sockets sent heads (3 in 4 split in two): /healthz "
+        f"{s('healthz_failed', '{:.0f}')} of {s.first('healthz_probes')} failed; peak requests "
+        f"in flight and streams {s('peak_slots', '{:.0f}')}; RSS +"
+        f"{s('rss_peak_growth_kb', '{:.0f}')} kB at its peak; an agent starting mid-stall "
+        f"waited {s('agent_wait_s', '{:.2f}')} s ({s('agent_after_resume_s', '{:.2f}')} s after "
+        f"the database came back); {s('refused_early', '{:.0f}')} heads refused early (503), "
+        f"answers {s.first('flood_answers')}"
+    )
+
+
 def _naive(naive: Figures, out: Figures) -> str:
     line = (
         f"4. Naive baseline (a connection and LISTEN per request): held "
@@ -230,6 +243,8 @@ def report(out: Figures) -> str:
         lines.append(_forged(_Section(out["forged"])))
     if "flood" in out:
         lines.append(_flood(_Section(out["flood"])))
+    if "compound" in out:
+        lines.append(_compound(_Section(out["compound"])))
     if "naive" in out:
         lines.append(_naive(out["naive"]["runs"][0], out))
     if "recovery" in out:

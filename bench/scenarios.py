@@ -38,6 +38,7 @@ from bench.measure import (
     settled_kb,
     tree,
 )
+from tests.compound import stall_under_flood
 from tests.support import ServerProcess, login_role
 
 Agents = Sequence[tuple[str, str]]  # (agent token, workspace id)
@@ -439,6 +440,40 @@ class Scenarios:
             "log_lines": len(lines),
             "log_top_events": top_events(lines),
             "healthz_after_flood_s": recovered_s,
+        }
+
+    async def compound(self, flood: int, stall: float) -> dict[str, Any]:
+        """PostgreSQL stopped (the server pool's backends and the postmaster) for `stall`
+        seconds while `flood` sockets send request heads with random tokens at once, three in
+        four split in two segments 200 ms apart, against a server at its default connection
+        budget: /healthz during the fault, the server's peak RSS growth and requests in
+        flight, and the wait of an agent that starts mid-stall."""
+        conn = await self.h.db.connect()
+        try:
+            async with self.h.reinitd() as server:
+                fault = await stall_under_flood(
+                    server,
+                    conn,
+                    self.h.db.cluster,
+                    self.agents[0][0],
+                    flood=flood,
+                    split_share=0.75,
+                    stall=stall,
+                )
+        finally:
+            await conn.close()
+        return {
+            "flood": flood,
+            "stall_s": stall,
+            "healthz_probes": len(fault.probes),
+            "healthz_failed": len(fault.probes) - fault.probes.count(200),
+            "peak_slots": fault.peak_slots,
+            "rss_before_kb": fault.rss_before_kb,
+            "rss_peak_growth_kb": fault.peak_rss_kb - fault.rss_before_kb,
+            "agent_wait_s": fault.agent_wait,
+            "agent_after_resume_s": fault.after_resume,
+            "refused_early": fault.refused_early,
+            "flood_answers": ", ".join(map(str, fault.statuses)),
         }
 
     async def naive(self, limit: int, step: int = 50) -> dict[str, Any]:

@@ -208,6 +208,7 @@ def make_runner(app: web.Application, **kwargs: Any) -> Runner:
         app,
         budget=budget,
         first_byte_timeout=settings.first_byte_timeout,
+        queue_timeout=settings.query_timeout,  # a head waits at the gate as long as for the pool
         refusals=app[REFUSALS],
         **options,
     )

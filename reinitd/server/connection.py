@@ -1,17 +1,20 @@
-"""Connections: a budget below the file limit, a first-byte deadline, and requests the HTTP
-parser rejects answered as JSON without a byte of them in any log.
+"""Connections: a budget below the file limit, a first-byte deadline, a gate in front of the
+database, and requests the HTTP parser rejects answered as JSON without a byte of them in any
+log.
 
-A flood of idle sockets must never silence `/healthz`, `/readyz` or the open streams: at the
-budget, the connection that has been idle the longest (connected, but not in a request) is
-closed to make room; with none idle, the new one is shed. Either way it is counted, cheaply.
+A flood of sockets must never silence `/healthz`, `/readyz` or the open streams: at the budget,
+a connection that costs nothing to lose is closed to make room (idle, or waiting at the gate,
+which is answered 503); with none, the new one is shed. Either way it is counted, cheaply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import json
+import os
 import resource
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import structlog
@@ -30,20 +33,64 @@ log = structlog.get_logger("reinitd.server.connection")
 # before the budget is checked (asyncio accepts up to ACCEPT_BATCH per loop iteration).
 RESERVED_FILES: Final = 128
 ACCEPT_BATCH: Final = 256
-# New connections admitted at once, from their first bytes until their request is answered or
-# starts to wait (a stream taken over, a long-poll subscribed): the next ones' bytes wait,
-# unread, until one is. Each costs ~16 KB of aiohttp objects while it waits for one of the
-# pool's connections: a storm of 10 000 connects, all admitted at once, left the process that
-# much larger for good (the allocator keeps what survivors pin). This smooths storms; it is not
-# a cap on requests. Probes, and first bytes without a whole request head (a client that
-# trickles its headers cannot hold a place), are never held back.
+# Requests admitted at once, from their whole request head until they are answered or start to
+# wait (a stream taken over, a long-poll subscribed): the next heads wait, unread, until a place
+# frees. Each admitted request costs ~7-16 KB of aiohttp and asyncpg objects while it waits for
+# one of the pool's connections: 10 000 admitted at once left the process that much larger for
+# good (the allocator keeps what survivors pin), and 17 000 behind a stalled database took it
+# from 188 to 313 MB. The gate counts a head when it is whole, however its bytes were split;
+# probes are never held back, and bytes before a head is whole take no place (a client
+# trickling its headers is limited by the header timeout).
 MAX_IN_FLIGHT: Final = 64
+# Heads waiting at the gate, at most: beyond it, the one that waited longest is refused.
+MAX_WAITING: Final = 16_384
+# Every place taken and none given back for this long: the database is stalled. Heads waiting
+# then, and heads that arrive until a place frees, are answered 503 from the gate at once (a
+# durable check takes milliseconds; a storm gives places back hundreds of times a second).
+STALL_AFTER: Final = 2.0
+GATE_RETRY_AFTER: Final = 1  # seconds: a refusal from the gate costs the server nothing
 PROBES: Final = (b"GET /healthz", b"GET /readyz", b"GET /metrics")
-HEAD_END: Final = b"\r\n\r\n"
+PROBE_PREFIX: Final = max(len(probe) for probe in PROBES)
+# A request head ends with an empty line: CRLF CRLF, or bare LFs for a lenient parser.
+HEAD_ENDS: Final = (b"\n\r\n", b"\n\n")
 
 # Marks a response made for a request the HTTP parser rejected.
 _REJECTED: Final = web.ResponseKey("reinitd_rejected", bool)
 _SHED = {reason: metrics.CONNECTIONS_CLOSED.labels(reason) for reason in metrics.CLOSE_REASONS}
+# Why the gate refused a waiting head (a `reinitd_refusals_total` reason), and what it says.
+_GATE_REFUSALS: Final = {
+    "database_stalled": "The database does not answer; retry shortly (open streams are kept).",
+    "queued_too_long": "The server is too busy to admit this request in time; retry shortly.",
+    "queue_full": "The server is too busy to admit this request; retry shortly.",
+}
+
+
+def head_ends(tail: bytes, data: bytes) -> bool:
+    """Whether `data`, after the last bytes of a head so far (`tail`), ends the head."""
+    window = tail + data
+    return any(end in window for end in HEAD_ENDS)
+
+
+def unavailable(reason: str) -> bytes:
+    """A whole `503` response from the gate: JSON, with Retry-After, closing the connection."""
+    body = json.dumps({"message": "Service unavailable.", "detail": _GATE_REFUSALS[reason]})
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Retry-After: {GATE_RETRY_AFTER}\r\n"
+        f"X-Request-ID: {os.urandom(8).hex()}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return (head + body).encode()
+
+
+@dataclass(slots=True)
+class Waiting:
+    """A head held at the gate: the bytes that completed it, and since when."""
+
+    data: bytes
+    since: float
 
 
 def file_limit() -> int:
@@ -85,16 +132,20 @@ def fit(settings: Settings) -> Settings:
 
 
 class GuardedHandler(RequestHandler):
-    """aiohttp's per-connection protocol, plus: whether the client sent anything yet, and
-    parser errors answered as JSON, counted, and logged without the request's bytes."""
+    """aiohttp's per-connection protocol, plus: whether the client sent anything yet, where
+    its request head stands at the gate, and parser errors answered as JSON, counted, and
+    logged without the request's bytes."""
 
     # aiohttp's RequestHandler declares __slots__; so does its subclass.
-    __slots__ = ("first_byte_due", "in_flight", "spoke")
+    __slots__ = ("first_byte_due", "in_flight", "opening", "passed", "spoke", "tail")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.spoke = False
-        self.in_flight = False
+        self.in_flight = False  # holds one of the gate's places
+        self.passed = False  # this request's head is whole and past the gate (or held at it)
+        self.opening = b""  # the first bytes of this request: is it a probe?
+        self.tail = b""  # the last bytes received: a head may end across two reads
         self.first_byte_due: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
@@ -103,9 +154,29 @@ class GuardedHandler(RequestHandler):
             if self.first_byte_due is not None:
                 self.first_byte_due.cancel()
                 self.first_byte_due = None
-            if (server := self.server) is not None and not server.admit(self, data):
-                return  # its first bytes wait for a request in flight to finish
-        super().data_received(data)
+        tail, self.tail = self.tail, (self.tail + data[-2:])[-2:]
+        if self.passed or (server := self.server) is None:
+            super().data_received(data)
+            return
+        if len(self.opening) < PROBE_PREFIX:
+            self.opening += data[: PROBE_PREFIX - len(self.opening)]
+        if not head_ends(tail, data):
+            super().data_received(data)  # part of a head: the parser holds it, no place yet
+            return
+        self.passed = True
+        if self.opening.startswith(PROBES) or server.admit(self, data):
+            super().data_received(data)
+        # else: the bytes that completed the head wait at the gate, or were refused there
+
+    def next_request(self) -> None:
+        """The request is answered: the next one's head goes through the gate again."""
+        self.passed = False
+        self.opening = b""
+
+    @property
+    def pipelined(self) -> bool:
+        """A next request already parsed (sent before this one's answer): it will run at once."""
+        return bool(self._messages)
 
     def feed(self, data: bytes) -> None:
         """The first bytes, once admitted."""
@@ -196,21 +267,32 @@ def settled(request: web.BaseRequest) -> None:
 
 
 class GuardedServer(web.Server):
-    """aiohttp's server (the protocol factory and connection registry) with a budget."""
+    """aiohttp's server (the protocol factory and connection registry) with a budget and a
+    gate in front of the database."""
 
     budget: int
     first_byte_timeout: float
+    queue_timeout: float
     refusals: Refusals
     http_errors: LogThrottle
     streams: int
     streams_taken: int
     in_flight: int
-    _waiting: collections.OrderedDict[GuardedHandler, bytes]
+    _moved_at: float
+    _expiry: asyncio.TimerHandle | None
+    _waiting: collections.OrderedDict[GuardedHandler, Waiting]
     _idle: collections.OrderedDict[RequestHandler, None]
+    _kept: collections.OrderedDict[RequestHandler, None]
 
     @classmethod
     def adopt(
-        cls, server: web.Server, *, budget: int, first_byte_timeout: float, refusals: Refusals
+        cls,
+        server: web.Server,
+        *,
+        budget: int,
+        first_byte_timeout: float,
+        queue_timeout: float,
+        refusals: Refusals,
     ) -> GuardedServer:
         """Turn the Server aiohttp built into a GuardedServer: AppRunner builds it in a private
         method with no hook for its class, and adopting it keeps all the rest aiohttp's."""
@@ -218,18 +300,25 @@ class GuardedServer(web.Server):
         assert isinstance(server, GuardedServer)
         server.budget = budget
         server.first_byte_timeout = first_byte_timeout
+        server.queue_timeout = queue_timeout
         server.refusals = refusals
         server.http_errors = LogThrottle()
         server.streams = 0
         server.streams_taken = 0
         server.in_flight = 0
+        server._moved_at = server._loop.time()  # when a place was last free
+        server._expiry = None
+        # Heads waiting for a place, oldest first.
         server._waiting = collections.OrderedDict()
-        # Connections not in a request right now, oldest first: the ones to close at the budget.
+        # Connections not in a request, oldest first, the first to close at the budget: those
+        # never answered yet (silent, or trickling a head), then those kept alive after one.
         server._idle = collections.OrderedDict()
+        server._kept = collections.OrderedDict()
         app_handler = server.request_handler
 
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
             server._idle.pop(request.protocol, None)  # idle again once answered
+            server._kept.pop(request.protocol, None)
             return await app_handler(request)
 
         server.request_handler = handle
@@ -253,6 +342,7 @@ class GuardedServer(web.Server):
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         self._idle.pop(handler, None)
+        self._kept.pop(handler, None)
         if isinstance(handler, GuardedHandler):
             if handler.first_byte_due is not None:
                 handler.first_byte_due.cancel()
@@ -265,57 +355,114 @@ class GuardedServer(web.Server):
 
     @property
     def waiting(self) -> int:
-        """Connections whose first bytes wait for a request in flight to finish."""
+        """Heads waiting at the gate for a place."""
         return len(self._waiting)
 
+    @property
+    def stalled(self) -> bool:
+        """Every place taken, and none given back for STALL_AFTER: the database is stalled."""
+        return self.in_flight >= MAX_IN_FLIGHT and self._loop.time() - self._moved_at >= STALL_AFTER
+
     def admit(self, handler: GuardedHandler, data: bytes) -> bool:
-        """Whether a connection's first bytes are served now; if not, its reading pauses and
-        the bytes wait for `finished` to let it in, in arrival order. A connection waiting
-        here is in a request: a flood of idle sockets is closed before it."""
-        if data.startswith(PROBES) or HEAD_END not in data:
-            return True
+        """Whether a whole request head is served now. If not, its reading pauses and the bytes
+        that completed it wait for `finished` to let it in, in arrival order, for at most the
+        queue timeout; while the gate is stalled it is answered 503 at once instead. A
+        connection waiting here is in a request, but cheap to refuse at the budget."""
         if self.in_flight < MAX_IN_FLIGHT:
             handler.in_flight = True
             self.in_flight += 1
+            self._moved_at = self._loop.time()
             return True
+        if self.stalled:
+            self._refuse(handler, "database_stalled")
+            return False
+        if len(self._waiting) >= MAX_WAITING:
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            self._refuse(oldest, "queue_full")
         if handler.transport is not None:
             handler.transport.pause_reading()
         # Its head is whole: aiohttp's header timeout (its keep-alive timer, which closes a
         # connection whose request has not arrived) must not close it while it waits here.
         handler.keep_alive(False)
         self._idle.pop(handler, None)
-        self._waiting[handler] = data
+        self._kept.pop(handler, None)
+        self._waiting[handler] = Waiting(data, self._loop.time())
+        self._arm_expiry()
         return False
 
     def answered(self, handler: GuardedHandler) -> None:
-        """A response is written: the connection is idle until its next request."""
+        """A response is written: the connection is idle until its next request, whose head
+        goes through the gate again. A request pipelined behind this one is already parsed and
+        runs at once: it keeps this one's place, or, behind a probe (which took none), costs
+        the client its connection."""
+        if handler.pipelined:
+            if not handler.in_flight:
+                handler.force_close()
+            return
         if handler.in_flight:
             self.finished(handler)
+        handler.next_request()
         if handler.transport is not None and not handler.transport.is_closing():
-            self._idle[handler] = None
+            self._kept[handler] = None
 
     def finished(self, handler: GuardedHandler) -> None:
         handler.in_flight = False
         self.in_flight -= 1
+        self._moved_at = self._loop.time()
         while self._waiting and self.in_flight < MAX_IN_FLIGHT:
-            waiting, data = self._waiting.popitem(last=False)
+            waiting, held = self._waiting.popitem(last=False)
             if waiting.transport is None or waiting.transport.is_closing():
                 continue
             waiting.in_flight = True
             self.in_flight += 1
             waiting.transport.resume_reading()
-            waiting.feed(data)
+            waiting.feed(held.data)
 
     def stream_taken(self, handler: RequestHandler) -> None:
         """A stream took this connection over: no longer aiohttp's, still one of ours."""
         self._connections.pop(handler, None)
         self._idle.pop(handler, None)
+        self._kept.pop(handler, None)
         self.streams += 1
         self.streams_taken += 1
 
     def stream_closed(self) -> None:
         self.streams -= 1
         metrics.CONNECTIONS.set(len(self))
+
+    def _refuse(self, handler: GuardedHandler, reason: str) -> None:
+        """Answer a waiting head 503 from the gate, without reaching the database, and close."""
+        transport = handler.transport
+        if transport is None or transport.is_closing():
+            return
+        self.refusals.refuse(reason, 503, _GATE_REFUSALS[reason])
+        transport.write(unavailable(reason))
+        transport.close()
+
+    def _arm_expiry(self) -> None:
+        """A timer for the next head that will have waited too long, or for the stall."""
+        if self._expiry is None and self._waiting:
+            oldest = next(iter(self._waiting.values()))
+            due = min(oldest.since + self.queue_timeout, self._moved_at + STALL_AFTER)
+            self._expiry = self._loop.call_at(due, self._expire)
+
+    def _expire(self) -> None:
+        """Refuse the heads that waited longer than the queue timeout; all of them once the
+        gate is stalled."""
+        self._expiry = None
+        stalled, now = self.stalled, self._loop.time()
+        while self._waiting:
+            handler, held = next(iter(self._waiting.items()))
+            if stalled:
+                reason = "database_stalled"
+            elif now - held.since >= self.queue_timeout:
+                reason = "queued_too_long"
+            else:
+                break
+            del self._waiting[handler]
+            self._refuse(handler, reason)
+        self._arm_expiry()
 
     def _arm_first_byte(self, handler: RequestHandler) -> None:
         if isinstance(handler, GuardedHandler):
@@ -324,19 +471,34 @@ class GuardedServer(web.Server):
             )
 
     def _make_room(self, newcomer: RequestHandler, transport: asyncio.Transport) -> None:
-        """At the budget: close the connection idle the longest; if the only idle one is the
-        newcomer itself, shed it."""
+        """At the budget, close what costs least to lose: the connection idle the longest that
+        was never answered (silent, or trickling a head); else the head that waited longest at
+        the gate (answered 503); else the connection kept alive the longest. With none of them
+        (every other connection is a stream or a request in flight), shed the newcomer: which
+        may be a probe, so the stream cap keeps room for them (`fit`)."""
         oldest = next(iter(self._idle))
-        if oldest is newcomer:
+        if oldest is not newcomer:
+            self._idle.pop(oldest)
+            self._evict(oldest)
+        elif self._waiting:
+            waiting = next(iter(self._waiting))
+            del self._waiting[waiting]
+            _SHED["evicted"].inc()
+            self._refuse(waiting, "queue_full")
+        elif self._kept:
+            self._evict(self._kept.popitem(last=False)[0])
+        else:
             _SHED["shed"].inc()
             self._idle.pop(newcomer)
             transport.abort()
             return
-        _SHED["evicted"].inc()
-        self._idle.pop(oldest)
-        if oldest.transport is not None:
-            oldest.transport.abort()
         self._arm_first_byte(newcomer)
+
+    @staticmethod
+    def _evict(handler: RequestHandler) -> None:
+        _SHED["evicted"].inc()
+        if handler.transport is not None:
+            handler.transport.abort()
 
     def _first_byte_due(self, handler: RequestHandler) -> None:
         if (
@@ -357,12 +519,14 @@ class Runner(web.AppRunner):
         *,
         budget: int,
         first_byte_timeout: float,
+        queue_timeout: float,
         refusals: Refusals,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self.budget = budget
         self.first_byte_timeout = first_byte_timeout
+        self.queue_timeout = queue_timeout
         self.refusals = refusals
 
     @property
@@ -376,6 +540,7 @@ class Runner(web.AppRunner):
             await super()._make_server(),
             budget=self.budget,
             first_byte_timeout=self.first_byte_timeout,
+            queue_timeout=self.queue_timeout,
             refusals=self.refusals,
         )
 

@@ -93,11 +93,14 @@ DATABASE_OUTAGES = Counter(
 )
 
 CLOSE_REASONS = ("evicted", "shed", "silent")
+# Heads answered 503 from the admission gate, without reaching the database.
+GATE_REFUSALS = ("database_stalled", "queued_too_long", "queue_full")
 CONNECTIONS = Gauge("reinitd_connections", "Open client connections")
 CONNECTIONS_CLOSED = Counter(
     "reinitd_connections_closed_total",
-    "Client connections closed by the connection budget: evicted (the oldest idle one, to make "
-    "room), shed (a new one, with none idle), silent (no byte before the first-byte deadline)",
+    "Client connections closed by the connection budget: evicted (an idle one, or one waiting "
+    "for admission, answered 503, to make room), shed (a new one, with neither), silent (no byte "
+    "before the first-byte deadline)",
     ["reason"],
 )
 ACCEPT_ERRORS = Counter(
@@ -144,6 +147,8 @@ for _outcome in RECEIPT_OUTCOMES:
     RECEIPTS.labels(_outcome)
 for _kind in OUTAGE_KINDS:
     DATABASE_OUTAGES.labels(_kind)
+for _reason in GATE_REFUSALS:
+    REFUSALS.labels(_reason)
 for _wait in ("true", "false"):
     OPEN_STREAMS.labels(_wait)
 for _status in ("200", "204", "400", "401", "404", "405", "409", "429", "499", "500", "503"):
