@@ -175,9 +175,20 @@ SERVE: tuple[Option, ...] = (
         "database_url",
         "DATABASE_URL",
         None,
-        "libpq URL of PostgreSQL; unset: an embedded PostgreSQL under ./.reinitd/",
+        "libpq URL of PostgreSQL; unset: an embedded PostgreSQL under ./.reinitd/ (unless "
+        "--embedded never)",
         database_url,
         metavar="URL",
+    ),
+    Option(
+        "embedded",
+        "REINITD_EMBEDDED",
+        "auto",
+        "auto starts an embedded PostgreSQL when no database URL is given; never makes a "
+        "missing database URL an error (containers and services, whose PostgreSQL is "
+        "elsewhere)",
+        choices=("auto", "never"),
+        metavar="MODE",
     ),
     Option(
         "listen_database_url",
@@ -459,6 +470,7 @@ class Settings:
     Build it with `serve_settings`, whose defaults are the options' own."""
 
     database_url: str | None
+    embedded: str
     listen_database_url: str | None
     database_pooler: str
     host: str

@@ -203,6 +203,13 @@ def main(command: str, values: dict[str, Any]) -> int:
             if command == "migrate":
                 return _migrate(values)
             settings = serve_settings(**{option.name: values[option.name] for option in SERVE})
+            if settings.database_url is None and settings.embedded == "never":
+                print(
+                    "reinitd serve: --database-url (or DATABASE_URL) is required: the embedded "
+                    "PostgreSQL is off (--embedded never, or REINITD_EMBEDDED=never)",
+                    file=sys.stderr,
+                )
+                return 2
             use_event_loop(settings.event_loop)
             code = _serve(settings, stop)
         except KeyboardInterrupt:
