@@ -342,6 +342,16 @@ SERVE: tuple[Option, ...] = (
         choices=("yes", "no"),
     ),
     Option(
+        "internals",
+        "REINITD_INTERNALS",
+        "auto",
+        "auto uses aiohttp's and asyncpg's private names where the start-up check finds them "
+        "as expected (an idle stream costs a few KB, a NOTIFY no scheduled callback); public "
+        "runs their public fallbacks (the same behaviour, more memory per stream)",
+        choices=("auto", "public"),
+        metavar="MODE",
+    ),
+    Option(
         "shutdown_timeout",
         "REINITD_SHUTDOWN_TIMEOUT",
         5.0,
@@ -494,6 +504,7 @@ class Settings:
     delivery_retention: float
     log_level: str
     log_format: str
+    internals: str
     probe_timeout: float = 2.0
     # Presence reports carry what changed at most every this many seconds.
     presence_interval: float = 0.5

@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 
 from reinitd.errors import DatabaseUnavailableError
-from reinitd.server import handler
+from reinitd.server import handler, internals
 from reinitd.server.admission import Admission
 from reinitd.server.connection import Runner, fit
 from reinitd.server.database import (
@@ -28,6 +28,7 @@ from reinitd.server.keys import (
     ADMISSION,
     DOORBELL,
     HUB,
+    INTERNALS,
     LISTENER,
     POOL,
     PRESENCE,
@@ -156,6 +157,7 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
         probe_interval=settings.probe_interval,
         probe_timeout=settings.probe_timeout,
         connect_timeout=settings.connect_timeout,
+        fast_notify=app[INTERNALS].fast_notify,
     )
     readiness = Readiness(listener)
     app[ADMISSION] = Admission(
@@ -210,6 +212,7 @@ def make_runner(app: web.Application, **kwargs: Any) -> Runner:
         first_byte_timeout=settings.first_byte_timeout,
         queue_timeout=settings.query_timeout,  # a head waits at the gate as long as for the pool
         refusals=app[REFUSALS],
+        guarded=app[INTERNALS].guard,
         **options,
     )
 
@@ -236,6 +239,8 @@ def create_app(settings: Settings) -> web.Application:
         connections=settings.max_connections,
         max_streams=settings.max_streams,
     )
+    app[INTERNALS] = paths = internals.choose(settings.internals)
+    paths.log()
     app[HUB] = Hub(queue_limit=settings.queue_limit)
     app[REFUSALS] = Refusals()
     app.cleanup_ctx.append(_pool)

@@ -21,7 +21,7 @@ import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from reinitd.server import metrics
+from reinitd.server import internals, metrics
 from reinitd.server.refusal import Refusals
 from reinitd.server.throttle import LogThrottle
 from reinitd.settings import Settings
@@ -176,7 +176,7 @@ class GuardedHandler(RequestHandler):
     @property
     def pipelined(self) -> bool:
         """A next request already parsed (sent before this one's answer): it will run at once."""
-        return bool(self._messages)
+        return internals.pipelined(self)
 
     def feed(self, data: bytes) -> None:
         """The first bytes, once admitted."""
@@ -197,26 +197,19 @@ class GuardedHandler(RequestHandler):
     @property
     def server(self) -> GuardedServer | None:
         """The server this connection came in on (None once aiohttp let go of it)."""
-        manager = self._manager
+        manager = internals.manager(self)
         return manager if isinstance(manager, GuardedServer) else None
 
     def let_go(self) -> asyncio.Transport | None:
         """Give this connection's transport away (to a stream whose headers are out): aiohttp
         will neither write to it nor close it when the request returns, and forgets the
         connection, whose file the server's budget still counts. None if the client is gone."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return None
-        self.keep_alive(False)  # no keep-alive timer of aiohttp's outlives the request
-        self.transport = None
-        if (server := self.server) is not None:
+        server = self.server
+        transport = internals.give_away(self)
+        if transport is not None and server is not None:
             if self.in_flight:
                 server.finished(self)
             server.stream_taken(self)
-        # aiohttp breaks the handler <-> parser cycle in connection_lost, which a connection
-        # given away never reaches: without this, every stream left a dozen objects for the
-        # cyclic collector (a 300 ms pause after a storm of 10 000 connects).
-        self._parser = None
         return transport
 
     def handle_error(
@@ -270,6 +263,7 @@ class GuardedServer(web.Server):
     """aiohttp's server (the protocol factory and connection registry) with a budget and a
     gate in front of the database."""
 
+    event_loop: asyncio.AbstractEventLoop
     budget: int
     first_byte_timeout: float
     queue_timeout: float
@@ -296,8 +290,8 @@ class GuardedServer(web.Server):
     ) -> GuardedServer:
         """Turn the Server aiohttp built into a GuardedServer: AppRunner builds it in a private
         method with no hook for its class, and adopting it keeps all the rest aiohttp's."""
-        server.__class__ = cls
-        assert isinstance(server, GuardedServer)
+        server = internals.adopt(server, cls)
+        server.event_loop = internals.server_loop(server)
         server.budget = budget
         server.first_byte_timeout = first_byte_timeout
         server.queue_timeout = queue_timeout
@@ -306,7 +300,7 @@ class GuardedServer(web.Server):
         server.streams = 0
         server.streams_taken = 0
         server.in_flight = 0
-        server._moved_at = server._loop.time()  # when a place was last free
+        server._moved_at = server.event_loop.time()  # when a place was last free
         server._expiry = None
         # Heads waiting for a place, oldest first.
         server._waiting = collections.OrderedDict()
@@ -325,11 +319,11 @@ class GuardedServer(web.Server):
         return server
 
     def __call__(self) -> RequestHandler:
-        return GuardedHandler(self, loop=self._loop, **self._kwargs)
+        return internals.new_handler(self, GuardedHandler)
 
     def __len__(self) -> int:
         """Open client connections: aiohttp's, and the streams it handed over."""
-        return len(self._connections) + self.streams
+        return len(internals.connections(self)) + self.streams
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
@@ -361,7 +355,10 @@ class GuardedServer(web.Server):
     @property
     def stalled(self) -> bool:
         """Every place taken, and none given back for STALL_AFTER: the database is stalled."""
-        return self.in_flight >= MAX_IN_FLIGHT and self._loop.time() - self._moved_at >= STALL_AFTER
+        return (
+            self.in_flight >= MAX_IN_FLIGHT
+            and self.event_loop.time() - self._moved_at >= STALL_AFTER
+        )
 
     def admit(self, handler: GuardedHandler, data: bytes) -> bool:
         """Whether a whole request head is served now. If not, its reading pauses and the bytes
@@ -371,7 +368,7 @@ class GuardedServer(web.Server):
         if self.in_flight < MAX_IN_FLIGHT:
             handler.in_flight = True
             self.in_flight += 1
-            self._moved_at = self._loop.time()
+            self._moved_at = self.event_loop.time()
             return True
         if self.stalled:
             self._refuse(handler, "database_stalled")
@@ -387,7 +384,7 @@ class GuardedServer(web.Server):
         handler.keep_alive(False)
         self._idle.pop(handler, None)
         self._kept.pop(handler, None)
-        self._waiting[handler] = Waiting(data, self._loop.time())
+        self._waiting[handler] = Waiting(data, self.event_loop.time())
         self._arm_expiry()
         return False
 
@@ -409,7 +406,7 @@ class GuardedServer(web.Server):
     def finished(self, handler: GuardedHandler) -> None:
         handler.in_flight = False
         self.in_flight -= 1
-        self._moved_at = self._loop.time()
+        self._moved_at = self.event_loop.time()
         while self._waiting and self.in_flight < MAX_IN_FLIGHT:
             waiting, held = self._waiting.popitem(last=False)
             if waiting.transport is None or waiting.transport.is_closing():
@@ -421,7 +418,7 @@ class GuardedServer(web.Server):
 
     def stream_taken(self, handler: RequestHandler) -> None:
         """A stream took this connection over: no longer aiohttp's, still one of ours."""
-        self._connections.pop(handler, None)
+        internals.connections(self).pop(handler, None)
         self._idle.pop(handler, None)
         self._kept.pop(handler, None)
         self.streams += 1
@@ -445,13 +442,13 @@ class GuardedServer(web.Server):
         if self._expiry is None and self._waiting:
             oldest = next(iter(self._waiting.values()))
             due = min(oldest.since + self.queue_timeout, self._moved_at + STALL_AFTER)
-            self._expiry = self._loop.call_at(due, self._expire)
+            self._expiry = self.event_loop.call_at(due, self._expire)
 
     def _expire(self) -> None:
         """Refuse the heads that waited longer than the queue timeout; all of them once the
         gate is stalled."""
         self._expiry = None
-        stalled, now = self.stalled, self._loop.time()
+        stalled, now = self.stalled, self.event_loop.time()
         while self._waiting:
             handler, held = next(iter(self._waiting.items()))
             if stalled:
@@ -466,7 +463,7 @@ class GuardedServer(web.Server):
 
     def _arm_first_byte(self, handler: RequestHandler) -> None:
         if isinstance(handler, GuardedHandler):
-            handler.first_byte_due = self._loop.call_later(
+            handler.first_byte_due = self.event_loop.call_later(
                 self.first_byte_timeout, self._first_byte_due, handler
             )
 
@@ -510,8 +507,9 @@ class GuardedServer(web.Server):
             handler.transport.abort()
 
 
-class Runner(web.AppRunner):
-    """The AppRunner reinitd serves with (and tests run): its Server is a GuardedServer."""
+class Runner(internals.GuardingRunner):
+    """The AppRunner reinitd serves with (and tests run): its Server is a GuardedServer, unless
+    the start-up check found aiohttp's internals changed (`guarded` False)."""
 
     def __init__(
         self,
@@ -535,9 +533,9 @@ class Runner(web.AppRunner):
         server = self.server
         return server.streams_taken if isinstance(server, GuardedServer) else 0
 
-    async def _make_server(self) -> web.Server:
+    def guard(self, server: web.Server) -> web.Server:
         return GuardedServer.adopt(
-            await super()._make_server(),
+            server,
             budget=self.budget,
             first_byte_timeout=self.first_byte_timeout,
             queue_timeout=self.queue_timeout,

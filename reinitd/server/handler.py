@@ -16,8 +16,8 @@ from reinitd.server.admission import Ticket
 from reinitd.server.claim import Deliver, Refuse
 from reinitd.server.connection import settled
 from reinitd.server.hub import Delivery, End
-from reinitd.server.keys import ADMISSION, READINESS, REQUEST_ID, SETTINGS
-from reinitd.server.stream import take_over
+from reinitd.server.keys import ADMISSION, INTERNALS, READINESS, REQUEST_ID, SETTINGS
+from reinitd.server.stream import stay, take_over
 from reinitd.wire import TOKEN_HEADER, TOKEN_PARAM, is_token
 
 log = structlog.get_logger("reinitd.server.handler")
@@ -145,11 +145,15 @@ async def _long_poll(ticket: Ticket, seconds: float) -> web.Response:
 
 async def _stream(request: web.Request, ticket: Ticket) -> web.StreamResponse:
     """Send the stream's headers, then hand its connection to a Stream (reinitd.server.stream)
-    and return: the request is over for aiohttp, the stream goes on."""
+    and return: the request is over for aiohttp, the stream goes on. On the public path
+    (reinitd.server.internals), the request stays and writes the frames itself."""
     response = web.StreamResponse(headers=SSE_HEADERS)
     response.force_close()
     await response.prepare(request)  # a StreamResponse sends its headers at once
-    take_over(request, ticket, request.app[SETTINGS].write_timeout)
+    write_timeout = request.app[SETTINGS].write_timeout
+    if not (request.app[INTERNALS].takeover and take_over(request, ticket, write_timeout)):
+        settled(request)
+        await stay(request, response, ticket, write_timeout)
     return response
 
 

@@ -8,6 +8,7 @@ from aiohttp import web
 from reinitd.server.admission import Admission
 from reinitd.server.doorbell import Doorbell
 from reinitd.server.hub import Hub
+from reinitd.server.internals import Paths
 from reinitd.server.listener import Listener
 from reinitd.server.presence import Presence
 from reinitd.server.readiness import Readiness
@@ -23,6 +24,7 @@ ADMISSION = web.AppKey("admission", Admission)
 READINESS = web.AppKey("readiness", Readiness)
 REFUSALS = web.AppKey("refusals", Refusals)
 PRESENCE = web.AppKey("presence", Presence)  # absent with --presence off
+INTERNALS = web.AppKey("internals", Paths)  # which private paths run (reinitd.server.internals)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 # Set on a refused request that gets no access line (reinitd.server.access).

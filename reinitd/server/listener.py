@@ -14,7 +14,7 @@ import structlog
 
 from reinitd.backoff import backoff_delay
 from reinitd.errors import EchoFailed
-from reinitd.server import metrics
+from reinitd.server import internals, metrics
 from reinitd.server.database import CONNECT_TIMEOUT, Outage, classify
 from reinitd.server.query import QUERIES
 from reinitd.server.router import Router
@@ -27,17 +27,6 @@ WARN_ATTEMPTS = 5
 ECHO_CHANNEL: Final = "reinitd_probe"
 # Echoes in a row that never come back before the listener is declared deaf and replaced.
 DEAF_ECHOES = 2
-
-
-class ListenConnection(asyncpg.Connection):
-    """The LISTEN connection's class: NOTIFYs reach their (synchronous, never-raising)
-    callback straight from the protocol, in order, instead of one `call_soon` handle each,
-    which was the largest cost of a NOTIFY flood (asyncpg calls this private hook for every
-    NotificationResponse; async callbacks are not used here)."""
-
-    def _process_notification(self, pid: int, channel: str, payload: str) -> None:
-        for callback in self._listeners.get(channel, ()):  # type: ignore[attr-defined]
-            callback.cb(self, pid, channel, payload)
 
 
 class Notifier:
@@ -95,8 +84,12 @@ class Listener:
         connect_timeout: float = CONNECT_TIMEOUT,
         backoff_floor: float = 0.1,
         backoff_ceiling: float = 5.0,
+        fast_notify: bool = True,
     ) -> None:
         self._dsn = dsn
+        # NOTIFYs straight from asyncpg's protocol (reinitd.server.internals), or through
+        # add_listener's call_soon when the start-up check says that path is gone.
+        self._connection_class = internals.listen_connection_class(fast_notify)
         self._router = router
         self._on_connect = on_connect
         self._send_echo = send_echo
@@ -186,7 +179,7 @@ class Listener:
                     self._dsn,
                     timeout=self.connect_timeout,
                     server_settings={"application_name": "reinitd-listener"},
-                    connection_class=ListenConnection,
+                    connection_class=self._connection_class,
                     # Its only query is the idle probe: nothing to gain from named statements,
                     # which a pooler in its way would break (it is then found deaf instead).
                     statement_cache_size=0,
@@ -238,6 +231,7 @@ class Listener:
     ) -> None:
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
+        internals.route_notifications(conn, self._callback)
         for channel in (*self._router.channels, ECHO_CHANNEL):
             await conn.add_listener(channel, self._callback)
         self._heard_at = time.monotonic()
