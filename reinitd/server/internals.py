@@ -160,8 +160,9 @@ def listen_connection_class(fast: bool) -> type[asyncpg.Connection]:
 def route_notifications(conn: asyncpg.Connection, callback: Notify) -> None:
     """On the fast path, hand every NOTIFY of `conn` to `callback` directly (call it before
     the first LISTEN); on the public path, `add_listener(channel, callback)` alone does."""
-    if isinstance(conn, ListenConnection):
-        conn.on_notify = callback
+    # Not isinstance: asyncpg's metaclass makes any connection an instance of every subclass.
+    if issubclass(type(conn), ListenConnection):
+        conn.on_notify = callback  # type: ignore[attr-defined]
 
 
 # The hooks GuardedHandler and GuardedServer override on purpose; any other name they define

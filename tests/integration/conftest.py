@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
+from reinitd.server import internals
 from reinitd.server.app import create_app, make_runner
 from reinitd.server.embedded import Cluster, ensure_cluster
 from reinitd.server.keys import LISTENER
@@ -68,19 +69,46 @@ def sql(conn: asyncpg.Connection) -> Sql:
 
 
 class GuardedTestServer(TestServer):
-    """aiohttp's TestServer, serving through reinitd's own runner (the connection budget)."""
+    """aiohttp's TestServer, serving through reinitd's own runner (the connection budget).
+    `_make_runner` is aiohttp's, the one private name the tests use (reinitd.server.internals
+    lists it; tests/unit/test_internals.py checks it)."""
 
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
         return make_runner(self.app, **kwargs)
 
 
+# How a test server uses reinitd.server.internals: `auto` (every private path today's
+# aiohttp and asyncpg allow), `public` (--internals public: the public fallbacks), `unguarded`
+# (as if the start-up check had failed for every name: aiohttp's own server too).
+INTERNALS_MODES = ("auto", "public", "unguarded")
+
+
 @pytest.fixture
-def make_server(aiohttp_client: ClientFactory, database_url: str) -> ServerFactory:
+def internals_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`auto` unless a test parametrizes it (indirectly) with one of INTERNALS_MODES."""
+    mode: str = getattr(request, "param", "auto")
+    if mode == "unguarded":
+        failed = internals.Paths(
+            guard=False, takeover=False, fast_notify=False, problems=("turned off by a test",)
+        )
+        monkeypatch.setattr(internals, "check", lambda: failed)
+    return mode
+
+
+@pytest.fixture
+def make_server(
+    aiohttp_client: ClientFactory, database_url: str, internals_mode: str
+) -> ServerFactory:
     """Start a reinitd app on a free port; keyword arguments override Settings fields."""
 
     async def start(**overrides: Any) -> TestClient[web.Request, web.Application]:
         settings = serve_settings(
-            **{"database_url": database_url, "probe_interval": 0.5, "write_timeout": 2.0}
+            **{
+                "database_url": database_url,
+                "probe_interval": 0.5,
+                "write_timeout": 2.0,
+                "internals": "public" if internals_mode == "public" else "auto",
+            }
             | overrides
         )
         server = GuardedTestServer(create_app(settings))

@@ -32,6 +32,9 @@ from tests.support import (
     until,
 )
 
+# On the private paths of reinitd.server.internals and on their public fallbacks.
+on_every_path = pytest.mark.parametrize("internals_mode", ["auto", "public"], indirect=True)
+
 
 async def raw_socket(port: int) -> socket.socket:
     loop = asyncio.get_running_loop()
@@ -79,6 +82,8 @@ async def test_idle_sockets_at_the_budget_make_room_for_a_probe(
     assert sample("reinitd_connections_closed_total", reason="evicted") >= before + 1
 
 
+@pytest.mark.internals
+@on_every_path
 async def test_beyond_the_budget_with_only_streams_a_newcomer_is_shed(
     make_server: ServerFactory, sql: Sql
 ) -> None:
@@ -295,7 +300,7 @@ async def test_long_polls_and_trickled_heads_never_hold_back_a_new_connect(
             sock.send(b"G")
         # Their first bytes are in (3 long-polls and these 5 have spoken), and took no place.
         await until(
-            lambda: sum(getattr(h, "spoke", False) for h in server._connections) == 8,
+            lambda: sum(getattr(h, "spoke", False) for h in server.connections) == 8,
             what="the trickled first bytes received",
         )
         assert server.in_flight == 0
@@ -309,6 +314,8 @@ async def test_long_polls_and_trickled_heads_never_hold_back_a_new_connect(
     await asyncio.gather(*polls, return_exceptions=True)
 
 
+@pytest.mark.internals
+@on_every_path
 async def test_an_http_1_0_client_reads_plain_frames_until_the_connection_closes(
     make_server: ServerFactory, sql: Sql
 ) -> None:

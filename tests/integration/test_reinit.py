@@ -26,6 +26,12 @@ from tests.support import (
     settle,
 )
 
+# Every rule holds on each path of reinitd.server.internals (tests/integration/conftest.py).
+pytestmark = [
+    pytest.mark.internals,
+    pytest.mark.parametrize("internals_mode", ["auto", "public", "unguarded"], indirect=True),
+]
+
 
 async def test_unclaimed_prebuild_receives_claim_via_notify(client: Client, sql: Sql) -> None:
     """An agent of an unclaimed prebuild waits, then gets the claim from the NOTIFY."""

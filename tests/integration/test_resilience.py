@@ -42,6 +42,9 @@ from tests.support import (
     until,
 )
 
+# On the private paths of reinitd.server.internals and on their public fallbacks.
+on_every_path = pytest.mark.parametrize("internals_mode", ["auto", "public"], indirect=True)
+
 
 async def proxied_server(
     make_server: ServerFactory, proxy: TcpProxy, **overrides: object
@@ -50,6 +53,8 @@ async def proxied_server(
     return await make_server(listen_database_url=proxy.url, **overrides)
 
 
+@pytest.mark.internals
+@on_every_path
 async def test_claim_while_listener_backend_killed_is_delivered(
     make_server: ServerFactory, proxy: TcpProxy, sql: Sql, conn: asyncpg.Connection
 ) -> None:
@@ -74,6 +79,8 @@ async def test_claim_while_listener_backend_killed_is_delivered(
     assert sample("reinitd_events_delivered_total", path="resync") == before + 3
 
 
+@pytest.mark.internals
+@on_every_path
 async def test_postgres_restart_under_waiting_streams(
     make_server: ServerFactory, proxy: TcpProxy, postgres: Cluster, database_url: str
 ) -> None:
@@ -120,6 +127,8 @@ async def test_dead_but_quiet_connection_is_noticed_by_the_probe(
     assert listener.connected
 
 
+@pytest.mark.internals
+@on_every_path
 async def test_stalled_client_and_duplicate_flood_do_not_delay_others(
     make_server: ServerFactory, sql: Sql, conn: asyncpg.Connection
 ) -> None:
@@ -188,6 +197,8 @@ async def test_a_bug_while_applying_a_read_loses_nothing(
     assert client.app[LISTENER].connected
 
 
+@pytest.mark.internals
+@on_every_path
 async def test_garbage_notify_storm_leaves_listener_up(client: Client, sql: Sql) -> None:
     """Hundreds of garbage payloads, then a real claim: delivered, listener still connected."""
     agent = await sql.prebuild()
@@ -293,6 +304,8 @@ async def test_server_restart_misses_nothing(database_url: str, sql: Sql, tmp_pa
         response.close()
 
 
+@pytest.mark.internals
+@on_every_path
 async def test_agents_hanging_up_mid_request_leave_nothing_behind(client: Client, sql: Sql) -> None:
     """Hundreds of agents that reset their connection right after the request: the pool, the
     hub and the per-agent limits all recover, and the next agent is served normally."""
@@ -368,6 +381,8 @@ async def test_a_deaf_listener_is_replaced(database_url: str, conn: asyncpg.Conn
     assert "PgBouncer" in deaf[0]["hint"]
 
 
+@pytest.mark.internals
+@on_every_path
 async def test_while_the_database_is_away_requests_get_503_and_streams_keep_pinging(
     make_server: ServerFactory, proxy: TcpProxy, sql: Sql
 ) -> None:
