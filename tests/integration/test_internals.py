@@ -1,0 +1,91 @@
+"""The adapter's paths on a real server: a taken-over stream leaves nothing for the cyclic
+collector, and each library runs the path the start-up check chose."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import asyncpg
+import pytest
+from aiohttp.http_parser import HttpRequestParser
+
+from reinitd.server.connection import GuardedHandler, GuardedServer
+from reinitd.server.internals import ListenConnection
+from reinitd.server.keys import LISTENER
+from reinitd.server.stream import Stream
+from tests.support import REINIT, ServerFactory, Sql, claimed, open_stream, until
+
+pytestmark = pytest.mark.internals
+
+
+def alive(kind: type) -> int:
+    """Objects of `kind` the collector tracks now (all of them, with the collector off)."""
+    return sum(1 for thing in gc.get_objects() if isinstance(thing, kind))
+
+
+async def test_a_taken_over_stream_leaves_no_cycle_and_no_parser_behind(
+    make_server: ServerFactory, sql: Sql
+) -> None:
+    """With the cyclic collector off, a stream's request handler and its HTTP parser die by
+    reference count once the stream took the connection over, and the stream once its client
+    hangs up: nothing waits for a collection (which gc.freeze would postpone for good)."""
+    client = await make_server()
+    server = client.server.runner.server if client.server.runner is not None else None
+    assert isinstance(server, GuardedServer)
+    agent = await sql.prebuild()
+    gc.collect()
+    gc.disable()
+    try:
+        handlers, parsers, streams = alive(GuardedHandler), alive(HttpRequestParser), alive(Stream)
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        await until(
+            lambda: (
+                (alive(GuardedHandler), alive(HttpRequestParser)) == (handlers + 1, parsers + 1)
+            ),
+            what="a connection has its handler and parser",
+        )
+        writer.write(
+            f"GET {REINIT}?wait=true HTTP/1.1\r\nHost: x\r\n"
+            f"Coder-Session-Token: {agent.token}\r\n\r\n".encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        await until(lambda: server.streams_taken == 1, what="the stream took its connection")
+        await until(
+            lambda: (alive(GuardedHandler), alive(HttpRequestParser)) == (handlers, parsers),
+            what="the request's handler and parser freed by reference count",
+        )
+        assert alive(Stream) == streams + 1
+        writer.close()
+        await writer.wait_closed()
+        await until(lambda: alive(Stream) == streams, what="the closed stream freed")
+        assert server.streams == 0
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("internals_mode", ["auto", "public", "unguarded"], indirect=True)
+async def test_each_library_runs_the_path_the_check_chose(
+    make_server: ServerFactory, sql: Sql, internals_mode: str
+) -> None:
+    """`auto`: the stream takes its connection over and NOTIFYs come through ListenConnection;
+    `public`, or a failed check: the stream stays in its request and asyncpg's own connection
+    class listens; the claim is delivered either way."""
+    client = await make_server()
+    runner = client.server.runner
+    assert runner is not None
+    agent = await sql.prebuild()
+    stream = await open_stream(client, agent.token)
+    owner = await sql.user()
+    await sql.claim(agent.workspace_id, owner)
+    assert (await stream.event()).data == claimed(agent.workspace_id, owner)
+    listening = client.app[LISTENER].connection
+    assert listening is not None
+    fast = internals_mode == "auto"
+    assert (type(listening) is ListenConnection, type(listening) is asyncpg.Connection) == (
+        fast,
+        not fast,
+    )
+    assert isinstance(runner.server, GuardedServer) == (internals_mode != "unguarded")
+    assert getattr(runner.server, "streams_taken", 0) == (1 if fast else 0)
