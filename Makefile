@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run psql test test-unit lint format bench clean
+.PHONY: install run psql test test-unit test-internals test-newest test-floors test-matrix lint format bench clean
 
 install: $(STAMP)
 
@@ -34,6 +34,62 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
+## The adapter's selection: the unit tier, then the integration tests marked `internals` (the
+## take-over, the listener's fast path and their fallbacks). VENV= picks the venv to run it in.
+test-internals: $(STAMP)
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+	$(BIN)/pytest -m internals tests/integration $(PYTEST_ARGS)
+
+## The same selection against the newest releases of aiohttp and asyncpg, with setup.cfg's
+## ceilings lifted (reinitd installed without its dependencies; asyncpg-stubs, which pins
+## asyncpg for mypy, removed). Upgraded on every run: the point is the newest.
+NEWEST := .venv-newest
+test-newest: $(NEWEST)/.installed-stamp
+	$(NEWEST)/bin/pip uninstall --quiet --yes asyncpg-stubs reinitd
+	$(NEWEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager aiohttp asyncpg
+	$(NEWEST)/bin/pip install --quiet --no-deps -e .
+	@$(NEWEST)/bin/python -c 'import aiohttp, asyncpg, sys; print(f"newest: Python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, asyncpg {asyncpg.__version__}")'
+	$(MAKE) --no-print-directory test-internals VENV=$(NEWEST) STAMP=$(NEWEST)/.installed-stamp
+
+$(NEWEST)/.installed-stamp: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/pip install --quiet --upgrade pip
+	$(NEWEST)/bin/pip install --quiet -e '.[server,dev]'
+	@touch $@
+
+## The same selection at the floors setup.cfg declares (.ci/floors.txt), and the agent install
+## at its own (.ci/floors-agent.txt: aiohttp 3.8.3, structlog 21.3) against a real server.
+FLOORS := .venv-floors
+test-floors: $(FLOORS)/.installed-stamp
+	@$(FLOORS)/bin/python -c 'import aiohttp, asyncpg, structlog, sys; print(f"floors: Python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, asyncpg {asyncpg.__version__}, structlog {structlog.__version__}")'
+	$(MAKE) --no-print-directory test-internals VENV=$(FLOORS) STAMP=$(FLOORS)/.installed-stamp
+	PIP_CONSTRAINT=$(CURDIR)/.ci/floors-agent.txt $(FLOORS)/bin/pytest tests/integration/test_agent_install.py $(PYTEST_ARGS)
+
+$(FLOORS)/.installed-stamp: setup.cfg pyproject.toml .ci/floors.txt
+	$(PYTHON) -m venv $(FLOORS)
+	$(FLOORS)/bin/pip install --quiet --upgrade pip
+	$(FLOORS)/bin/pip install --quiet -c .ci/floors.txt -e '.[server,dev]'
+	@touch $@
+
+## The unit tier and the adapter's tests on every supported Python found here (on PATH as
+## under pyenv or as python3.X on PATH), each at its own floors: `make test` runs the rest on $(PYTHON).
+MATRIX ?= 3.11 3.12 3.13
+PYENV_ROOT ?= $(HOME)/.pyenv
+python_for = $(firstword $(lastword $(sort $(wildcard $(PYENV_ROOT)/versions/$(1).*/bin/python))) $(shell command -v python$(1)))
+MATRIX_FOUND := $(foreach version,$(MATRIX),$(if $(call python_for,$(version)),$(version)))
+test-matrix: $(foreach version,$(MATRIX_FOUND),.venv-$(version)/.installed-stamp)
+	@echo "matrix: Python $(MATRIX_FOUND) (of $(MATRIX))"
+	@set -e; for version in $(MATRIX_FOUND); do \
+	    .venv-$$version/bin/python -c 'import aiohttp, asyncpg, sys; print(f"Python {sys.version.split()[0]}: aiohttp {aiohttp.__version__}, asyncpg {asyncpg.__version__}")'; \
+	    $(MAKE) --no-print-directory test-internals VENV=.venv-$$version STAMP=.venv-$$version/.installed-stamp; \
+	done
+
+.venv-%/.installed-stamp: setup.cfg pyproject.toml .ci/floors.txt
+	$(call python_for,$*) -m venv .venv-$*
+	.venv-$*/bin/pip install --quiet --upgrade pip
+	.venv-$*/bin/pip install --quiet -c .ci/floors.txt -e '.[server,dev]'
+	@touch $@
+
 lint: $(STAMP)
 	$(BIN)/ruff check reinitd tests bench
 	$(BIN)/ruff format --check reinitd tests bench
@@ -47,4 +103,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) .reinitd .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .venv-* .reinitd .mypy_cache .ruff_cache .pytest_cache *.egg-info
