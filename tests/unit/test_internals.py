@@ -4,6 +4,7 @@ aiohttp and asyncpg, and one taken away turns its path off (never the server), s
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -34,33 +35,25 @@ def test_every_private_name_checks_out_on_the_installed_releases() -> None:
     assert (paths.aiohttp, paths.asyncpg) == ("takeover", "fast")
 
 
-def test_a_release_without_process_notification_falls_back_to_add_listener(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """asyncpg without `Connection._process_notification`: the listener uses add_listener."""
+# A release that moved a private name, simulated: each breaker changes one name the way a
+# release might, and the check must turn off exactly the paths that rest on it.
+
+
+def without_process_notification(monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncpg without `Connection._process_notification`."""
     monkeypatch.delattr(asyncpg.Connection, "_process_notification")
-    paths = internals.check()
-    assert paths_on(paths) == (True, True, False)
-    assert "_process_notification is gone" in paths.reason
 
 
-def test_a_process_notification_with_other_parameters_is_not_overridden(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A changed signature of the hook counts as gone: the override would be called wrongly."""
+def process_notification_with_other_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook with another signature: the override would be called wrongly."""
 
     def changed(self: asyncpg.Connection, pid: int, channel: str) -> None: ...
 
     monkeypatch.setattr(asyncpg.Connection, "_process_notification", changed)
-    paths = internals.check()
-    assert paths_on(paths) == (True, True, False)
-    assert "takes (pid, channel), expected (pid, channel, payload)" in paths.reason
 
 
-def test_a_request_handler_without_a_parser_turns_the_take_over_off(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """aiohttp no longer keeping `RequestHandler._parser`: streams stay in their request."""
+def handler_without_a_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiohttp no longer keeping `RequestHandler._parser`."""
     original = RequestHandler.__init__
 
     def without_parser(self: RequestHandler, *args: Any, **kwargs: Any) -> None:
@@ -68,17 +61,10 @@ def test_a_request_handler_without_a_parser_turns_the_take_over_off(
         del self._parser
 
     monkeypatch.setattr(RequestHandler, "__init__", without_parser)
-    paths = internals.check()
-    assert paths_on(paths) == (True, False, True)
-    assert paths.aiohttp == "fallback"
-    assert "RequestHandler._parser is not set by __init__" in paths.reason
 
 
-def test_a_writer_that_keeps_its_transport_turns_the_take_over_off(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A StreamWriter that would still write the last chunk to a connection given away (the
-    stream's own) must not be handed one."""
+def writer_that_keeps_its_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A StreamWriter that would still write the last chunk to a connection given away."""
     original = StreamWriter.__init__
 
     def keeping(self: StreamWriter, protocol: Any, *args: Any, **kwargs: Any) -> None:
@@ -90,30 +76,45 @@ def test_a_writer_that_keeps_its_transport_turns_the_take_over_off(
 
     monkeypatch.setattr(StreamWriter, "__init__", keeping)
     monkeypatch.setattr(StreamWriter, "_write", write)
-    paths = internals.check()
-    assert paths_on(paths) == (True, False, True)
-    assert "writes to a transport given away" in paths.reason
 
 
-def test_an_app_runner_without_make_server_serves_with_aiohttps_own_server(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """No `AppRunner._make_server` to override: the guard is off, and with it the take-over."""
+def runner_without_make_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No `AppRunner._make_server` to override."""
     monkeypatch.delattr(web.AppRunner, "_make_server")
-    paths = internals.check()
-    assert paths_on(paths) == (False, False, True)
-    assert "AppRunner._make_server" in paths.reason
 
 
-def test_a_name_of_ours_that_aiohttp_starts_using_turns_the_guard_off(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A release whose RequestHandler defines a name GuardedHandler uses for its own ends
-    would be silently overridden by ours: the check refuses the subclass instead."""
+def handler_using_a_name_of_ours(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RequestHandler defining a name GuardedHandler uses for its own ends."""
     monkeypatch.setattr(RequestHandler, "spoke", False, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("breaker", "on", "reason"),
+    [
+        (without_process_notification, (True, True, False), "_process_notification is gone"),
+        (
+            process_notification_with_other_parameters,
+            (True, True, False),
+            "takes (pid, channel), expected (pid, channel, payload)",
+        ),
+        (handler_without_a_parser, (True, False, True), "_parser is not set by __init__"),
+        (writer_that_keeps_its_transport, (True, False, True), "writes to a transport given away"),
+        (runner_without_make_server, (False, False, True), "AppRunner._make_server"),
+        (handler_using_a_name_of_ours, (False, False, True), "RequestHandler now defines spoke"),
+    ],
+)
+def test_a_private_name_broken_turns_off_the_paths_resting_on_it(
+    monkeypatch: pytest.MonkeyPatch,
+    breaker: Callable[[pytest.MonkeyPatch], None],
+    on: tuple[bool, bool, bool],
+    reason: str,
+) -> None:
+    """A private name moved by a release makes the check fail for it: the paths resting on it
+    (guard, take-over, fast NOTIFY) are off, the others on, and the reason names it."""
+    breaker(monkeypatch)
     paths = internals.check()
-    assert paths_on(paths) == (False, False, True)
-    assert "RequestHandler now defines spoke too" in paths.reason
+    assert paths_on(paths) == on
+    assert reason in paths.reason
 
 
 def test_forcing_the_public_paths_keeps_the_guard() -> None:
