@@ -39,8 +39,10 @@ notify (`ListenConnection`)
     at once instead of one `call_soon` handle per NOTIFY.
     Fallback: a plain `asyncpg.Connection` and the public `add_listener` callbacks.
 
-Tests only: `tests/integration/conftest.py` overrides `aiohttp.test_utils.TestServer._make_runner`
-to serve through reinitd's runner (`tests/unit/test_internals.py` checks it).
+Tests only (not the server's): `tests/integration/conftest.py` overrides aiohttp's
+`BaseTestServer._make_runner` to serve through reinitd's runner (`tests/unit/test_internals.py`
+checks it); `tests/integration/test_refusals.py` reads asyncpg's `Pool._holders` and their
+`_con` to wait for a pool to empty.
 """
 
 from __future__ import annotations
