@@ -79,10 +79,11 @@ python_for = $(firstword $(lastword $(sort $(wildcard $(PYENV_ROOT)/versions/$(1
 MATRIX_FOUND := $(foreach version,$(MATRIX),$(if $(call python_for,$(version)),$(version)))
 test-matrix: $(foreach version,$(MATRIX_FOUND),.venv-$(version)/.installed-stamp)
 	@echo "matrix: Python $(MATRIX_FOUND) (of $(MATRIX))"
-	@set -e; for version in $(MATRIX_FOUND); do \
+	@failed=""; for version in $(MATRIX_FOUND); do \
 	    .venv-$$version/bin/python -c 'import aiohttp, asyncpg, sys; print(f"Python {sys.version.split()[0]}: aiohttp {aiohttp.__version__}, asyncpg {asyncpg.__version__}")'; \
-	    $(MAKE) --no-print-directory test-internals VENV=.venv-$$version STAMP=.venv-$$version/.installed-stamp; \
-	done
+	    $(MAKE) --no-print-directory test-internals VENV=.venv-$$version STAMP=.venv-$$version/.installed-stamp || failed="$$failed $$version"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "matrix: failed on Python$$failed"; exit 1; fi
 
 .venv-%/.installed-stamp: setup.cfg pyproject.toml .ci/floors.txt
 	$(call python_for,$*) -m venv .venv-$*

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import socket
+import sys
 import weakref
 from collections.abc import Iterator
 from unittest import mock
@@ -109,6 +110,12 @@ async def test_a_full_collection_is_followed_by_a_freeze(
         collector.uninstall()
 
 
+# Found by `make test-matrix`: on Python 3.12.1 (not 3.11 or 3.13) the cycle is frozen.
+@pytest.mark.xfail(
+    sys.version_info[:2] == (3, 12),
+    reason="Python 3.12: young garbage is frozen after a full collection (make test-matrix)",
+    strict=True,
+)
 async def test_young_garbage_is_collected_not_frozen_after_a_full_collection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
