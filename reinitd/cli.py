@@ -48,7 +48,9 @@ AGENT = Command(
     "with capped exponential backoff on any error; a 401 (a token the server does not know, "
     "perhaps not provisioned yet) is logged at warning and retried too. A claim counts as "
     "handled once CMD exits 0, and handled claims are recorded in a state file so that a "
-    "restarted agent never runs CMD twice for one claim. Logs are JSON lines on stderr.",
+    "restarted agent never runs CMD twice for one claim. It never follows a redirect to "
+    "another scheme, host or port, so the token goes nowhere else. Logs go to stderr: console "
+    "lines on a terminal, JSON lines otherwise (--log-format).",
     settings.AGENT,
     epilog=f"Exit codes: {agent.EXIT_OK} --once printed an event, or a signal stopped the agent; "
     f"{agent.EXIT_USAGE} bad usage (a missing or invalid option, an unwritable or corrupt state "

