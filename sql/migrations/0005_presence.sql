@@ -149,8 +149,13 @@ BEGIN
              AS u (seq, agent_id, workspace_id, mode, wait, age)
         ON CONFLICT (replica, seq) DO NOTHING;
     -- Replicas that stopped reporting long ago (killed, host lost): their rows already left
-    -- agent_presence when they expired; now the rows themselves go.
-    DELETE FROM reinitd.replicas WHERE expires_at < now() - interval '60 seconds';
+    -- agent_presence when they expired; now the rows themselves go. SKIP LOCKED: a row being
+    -- renewed by its own replica right now is not waited for (two replicas back from a long
+    -- outage would otherwise each wait for the other's row: a deadlock).
+    DELETE FROM reinitd.replicas
+        WHERE replica IN (SELECT r.replica FROM reinitd.replicas AS r
+                          WHERE r.expires_at < now() - interval '60 seconds'
+                          FOR UPDATE SKIP LOCKED);
     RETURN true;
 END
 $$;

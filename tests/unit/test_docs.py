@@ -27,7 +27,7 @@ RELEASED = {
     "0002_roles.sql": "5cb910891c15a2be8f07899437f27e3e407ed403d9873f62c6a45cf5bbb26297",
     "0003_doorbell.sql": "2c79fb8d3e9e48e4719a829fa710bdf4052875a90a25c913202c23f5a10c613a",
     "0004_claim_state.sql": "ef859997235c3ee412b2a9a08fc113ce75aeae911b5d2619a9b01a8189fcdb7f",
-    "0005_presence.sql": "73662199ae824906d6f39a075113dc11663e8a078a7758b134d76860f8caed66",
+    "0005_presence.sql": "8ed809b907ec1b74913c6d33499226181b3603ac8d2d440b326924da94cccf72",
 }
 
 _CODE = re.compile(r"`([^`]+)`")
