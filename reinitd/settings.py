@@ -12,7 +12,7 @@ import os
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -424,13 +424,10 @@ AGENT: tuple[Option, ...] = (
         positive_integer,
         metavar="N",
     ),
-    Option(
-        "ping_interval",
-        "REINITD_PING_INTERVAL",
-        15.0,
-        "the server's ping interval; three silent intervals mean a dead stream",
-        positive_number,
-        metavar="SECONDS",
+    # The same setting as the server's, read from the agent's side.
+    replace(
+        PING_INTERVAL,
+        help="the server's ping interval; three silent intervals mean a dead stream",
     ),
     LOG_LEVEL,
     LOG_FORMAT,
