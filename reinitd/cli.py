@@ -9,7 +9,6 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from reinitd import __version__, agent, settings
 from reinitd.errors import SettingError
@@ -48,7 +47,9 @@ AGENT = Command(
     "with capped exponential backoff on any error; a 401 (a token the server does not know, "
     "perhaps not provisioned yet) is logged at warning and retried too. A claim counts as "
     "handled once CMD exits 0, and handled claims are recorded in a state file so that a "
-    "restarted agent never runs CMD twice for one claim. Logs are JSON lines on stderr.",
+    "restarted agent never runs CMD twice for one claim. It never follows a redirect to "
+    "another scheme, host or port, so the token goes nowhere else. Logs go to stderr: console "
+    "lines on a terminal, JSON lines otherwise (--log-format).",
     settings.AGENT,
     epilog=f"Exit codes: {agent.EXIT_OK} --once printed an event, or a signal stopped the agent; "
     f"{agent.EXIT_USAGE} bad usage (a missing or invalid option, an unwritable or corrupt state "
@@ -64,12 +65,6 @@ ENTRY = {
     "migrate": ("reinitd.server.serve", _SERVER_NEEDS, "reinitd[server]"),
     "agent": ("reinitd.agent.command", ("aiohttp", "structlog"), "reinitd"),
 }
-
-
-def _shown(default: Any) -> str:
-    if isinstance(default, bool):
-        return "yes" if default else "no"
-    return "unset" if default is None else str(default)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                 dest=option.name,
                 metavar=option.metavar or option.name.upper(),
                 # argparse formats help with %: a literal one must be doubled
-                help=f"{option.help}{choices} [env {option.env}; default: "
-                f"{_shown(option.default)}]".replace("%", "%%"),
+                help=f"{option.help}{choices} [env {option.env}; default: {option.shown}]".replace(
+                    "%", "%%"
+                ),
             )
         if command is AGENT:
             sub.add_argument(

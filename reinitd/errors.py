@@ -84,3 +84,14 @@ class ReinitError(ReinitdError):
 
 class StreamBroken(ReinitdError):  # noqa: N818 -- a condition, like ConnectionReset
     """Wire error: the stream ended, went silent, or carried something unparseable: reconnect."""
+
+
+class RedirectRefused(ReinitdError):  # noqa: N818 -- a condition, like StreamBroken
+    """Wire error: the server answered with a redirect the agent does not follow (to another
+    origin, or one too many); the token is never sent there."""
+
+    def __init__(self, status: int, location: str, reason: str) -> None:
+        super().__init__(f"{status} redirect to {location} refused: {reason}")
+        self.status = status
+        self.location = location  # the target's origin only: a path or query is not logged
+        self.reason = reason

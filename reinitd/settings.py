@@ -12,7 +12,7 @@ import os
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,22 @@ class Option:
     metavar: str | None = None
     # A value never to be printed, even when it fails its check.
     secret: bool = False
+    # How help and documents write the default, when not as `shown` derives it (7d, not 604800).
+    display: str | None = None
+
+    @property
+    def shown(self) -> str:
+        """The default as help and documents write it: 15, not 15.0; yes or no; unset."""
+        default = self.default
+        if self.display is not None:
+            return self.display
+        if isinstance(default, bool):
+            return "yes" if default else "no"
+        if default is None:
+            return "unset"
+        if isinstance(default, float) and default.is_integer():
+            return str(int(default))
+        return str(default)
 
     @property
     def flag(self) -> str:
@@ -330,6 +346,7 @@ SERVE: tuple[Option, ...] = (
         "how long delivery receipts are kept, e.g. 7d, 12h, 90m (at least a minute)",
         duration,
         metavar="DURATION",
+        display="7d",
     ),
     Option(
         "trust_request_id",
@@ -388,7 +405,8 @@ AGENT: tuple[Option, ...] = (
         "token",
         "REINITD_AGENT_TOKEN",
         None,
-        "the agent token, a UUID (required)",
+        "the agent token, a UUID (required); prefer the environment variable: a command line "
+        "is visible to every local user in ps",
         agent_token,
         secret=True,
     ),
@@ -416,13 +434,10 @@ AGENT: tuple[Option, ...] = (
         positive_integer,
         metavar="N",
     ),
-    Option(
-        "ping_interval",
-        "REINITD_PING_INTERVAL",
-        15.0,
-        "the server's ping interval; three silent intervals mean a dead stream",
-        positive_number,
-        metavar="SECONDS",
+    # The same setting as the server's, read from the agent's side.
+    replace(
+        PING_INTERVAL,
+        help="the server's ping interval; three silent intervals mean a dead stream",
     ),
     LOG_LEVEL,
     LOG_FORMAT,

@@ -1,16 +1,16 @@
 -- Named queries, loaded once by reinitd.query: a block starts with a line `-- name --`.
 
 -- agent_by_token_hash --
--- Resolves an agent token (its sha256) to the agent and its workspace, through the one
--- function the server's role may use to read workspace_agents (a stream without wait).
+-- One agent token (its sha256) to the agent and its workspace (the benchmark's naive server).
 SELECT agent_id, workspace_id FROM reinitd.agent_by_token_hash($1)
 
--- admit --
--- A wait=true connect in one round trip: the agent of a token and what the durable check
--- needs about its workspace (null columns: the workspace is gone).
-SELECT a.agent_id, a.workspace_id, s.owner_id, s.first_initiator_id,
+-- admit_many --
+-- Connects that arrive together, in one round trip: the agent of each token hash ($1, an
+-- array; `i` is a hash's position in it) and what the durable check needs about its
+-- workspace (null columns: the workspace is gone). Unknown tokens have no row.
+SELECT a.i, a.agent_id, a.workspace_id, s.owner_id, s.first_initiator_id,
        s.latest_stage, s.latest_status, s.latest_error, s.latest_build_id
-FROM reinitd.agent_by_token_hash($1) AS a
+FROM reinitd.agents_by_token_hashes($1::bytea[]) AS a
 LEFT JOIN reinitd.claim_state AS s ON s.workspace_id = a.workspace_id
 
 -- claim_states --

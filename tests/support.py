@@ -409,11 +409,10 @@ class HookedStore:
         self.inner = inner
         self.hook = hook
 
-    async def admit(self, token_hash: bytes, *, wait: bool) -> Admitted | None:
-        admitted = await self.inner.admit(token_hash, wait=wait)
-        if admitted is not None:
-            await self.hook(admitted.workspace_id)
-        return admitted
+    async def admit_many(self, token_hashes: Sequence[bytes]) -> list[Admitted | None]:
+        found = await self.inner.admit_many(token_hashes)
+        await asyncio.gather(*(self.hook(a.workspace_id) for a in found if a is not None))
+        return found
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -421,8 +420,9 @@ class HookedStore:
 
 def after_read(admission: Admission, hook: AfterRead) -> None:
     """From now on, `hook` runs between each connect's read and its registration."""
-    inner = admission.store.inner if isinstance(admission.store, HookedStore) else admission.store
-    admission.store = HookedStore(inner, hook)
+    store = admission.reads.store
+    inner = store.inner if isinstance(store, HookedStore) else store
+    admission.reads.store = HookedStore(inner, hook)
 
 
 def attach_stream(

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import structlog
+from yarl import URL
 
 from reinitd.backoff import backoff_delay
-from reinitd.errors import ReinitError, StreamBroken
+from reinitd.errors import RedirectRefused, ReinitError, StreamBroken
 from reinitd.wire import REASONS, REINIT_PATH, TOKEN_HEADER, ReinitEvent
 
 log = structlog.get_logger("reinitd.agent.client")
@@ -25,6 +26,10 @@ BACKOFF_FLOOR = 0.1
 BACKOFF_CEILING = 10.0
 # A stream silent for this many ping intervals is treated as dead.
 SILENT_PINGS = 3
+# Redirects within the configured origin (same scheme, host and port) are followed, at most
+# this many in a row; one to another origin is never followed, so the token goes nowhere else.
+MAX_REDIRECTS = 3
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
 # A line longer than this is not SSE from reinitd: the stream is dropped, not buffered.
@@ -110,6 +115,8 @@ class _Stream:
         self._silence_limit = silence_limit
         self._parser = SseParser()
         self._frames: deque[tuple[str, str]] = deque()
+        # A ping or an event parsed: the stream is reinitd's, and worth a reset of the backoff.
+        self.proved = False
 
     def close(self) -> None:
         self._response.close()
@@ -131,7 +138,9 @@ class _Stream:
         while True:
             kind, data = await self._next_frame()
             if kind == "data":
-                return parse_event(data)
+                event = parse_event(data)
+                self.proved = True
+                return event
             if kind == "error":
                 try:
                     body = json.loads(data)
@@ -139,6 +148,8 @@ class _Stream:
                 except (ValueError, TypeError, KeyError):
                     message, detail = "stream error", data[:500]
                 raise StreamBroken(f"{message} {detail}".strip())
+            if kind == "ping":
+                self.proved = True
             # ping and anything else keeps the stream alive
 
 
@@ -146,16 +157,48 @@ def _url(base_url: str) -> str:
     return base_url.rstrip("/") + REINIT_PATH
 
 
+def _origin(url: URL) -> tuple[str, str, int | None]:
+    return url.scheme.lower(), (url.host or "").lower(), url.port
+
+
+def _redirect(response: aiohttp.ClientResponse, origin: tuple[str, str, int | None]) -> URL:
+    """Where a redirect points, if the agent may follow it: within the configured origin."""
+    location = response.headers.get("Location", "")
+    try:
+        target = response.url.join(URL(location))
+    except ValueError:
+        raise RedirectRefused(response.status, "(unparseable)", "not a URL") from None
+    if _origin(target) != origin:
+        shown = f"{target.scheme}://{target.host}:{target.port}"
+        raise RedirectRefused(response.status, shown, "another origin (scheme, host or port)")
+    return target
+
+
 async def _open(
     session: aiohttp.ClientSession, base_url: str, token: str, wait: bool, silence_limit: float
 ) -> _Stream:
-    response = await session.get(
-        _url(base_url),
-        params={"wait": "true"} if wait else {},
-        headers={TOKEN_HEADER: token, "Accept": "text/event-stream"},
-        # no total timeout: the server's pings keep the stream alive; silence is checked per read
-        timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10),
-    )
+    url = URL(_url(base_url))
+    if wait:
+        url = url.with_query(wait="true")
+    origin = _origin(url)
+    for _ in range(MAX_REDIRECTS + 1):
+        response = await session.get(
+            url,
+            headers={TOKEN_HEADER: token, "Accept": "text/event-stream"},
+            # aiohttp would follow a redirect anywhere with the token header: decide here
+            allow_redirects=False,
+            # no total timeout: the server's pings keep the stream alive; silence is checked
+            # per read
+            timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10),
+        )
+        if response.status not in REDIRECT_STATUSES:
+            break
+        response.release()
+        url = _redirect(response, origin)
+    else:
+        raise RedirectRefused(
+            response.status, f"{url.scheme}://{url.host}:{url.port}", "too many redirects"
+        )
     if response.status != 200:
         try:
             raise await _refusal(response)
@@ -173,7 +216,8 @@ async def wait_for_reinit(
     session: aiohttp.ClientSession | None = None,
 ) -> ReinitEvent:
     """One request: the first event, or `ReinitError` (status, message, detail), or
-    `StreamBroken` when the stream ends or goes silent for three ping intervals."""
+    `StreamBroken` when the stream ends or goes silent for three ping intervals, or
+    `RedirectRefused` when the server redirects to another origin."""
     async with _session(session) as http:
         stream = await _open(http, base_url, token, wait, SILENT_PINGS * ping_interval)
         try:
@@ -202,9 +246,10 @@ async def reinit_events(
     session: aiohttp.ClientSession | None = None,
 ) -> AsyncGenerator[ReinitEvent, None]:
     """Every distinct reinit event, forever: reconnects on any error or refusal (401 too) with
-    capped, jittered exponential backoff (reset after a successful connect); raises
-    `ReinitError` with status 409 when the workspace is not, or no longer, waiting to be
-    claimed."""
+    capped, jittered exponential backoff (reset only after a stream that proved itself with a
+    ping or an event, so that a server answering 200 and then garbage gets no hot loop);
+    raises `ReinitError` with status 409 when the workspace is not, or no longer, waiting to
+    be claimed."""
     seen: set[tuple[uuid.UUID, str, uuid.UUID | None]] = set()
     attempt = 0
     async with _session(session) as http:
@@ -215,10 +260,9 @@ async def reinit_events(
                 if exc.terminal:
                     raise
                 error: Exception = exc
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except (RedirectRefused, aiohttp.ClientError, OSError, TimeoutError) as exc:
                 error = exc
             else:
-                attempt = 0
                 log.info("agent_stream_open", url=_url(base_url))
                 try:
                     while True:
@@ -231,19 +275,34 @@ async def reinit_events(
                     error = exc
                 finally:
                     stream.close()
+                if stream.proved:
+                    attempt = 0
             attempt += 1
             delay = backoff_delay(attempt, backoff_floor, backoff_ceiling)
-            retry = {"attempt": attempt, "retry_in_s": round(delay, 3)}
-            if isinstance(error, ReinitError):
-                # Retried, 401 included: a token the server does not know may not be
-                # provisioned yet. The server's words say which refusal it was.
-                log.warning(
-                    "agent_refused",
-                    status=error.status,
-                    message=error.message,
-                    detail=error.detail,
-                    **retry,
-                )
-            else:
-                log.warning("agent_reconnecting", error=str(error) or type(error).__name__, **retry)
+            _log_retry(error, attempt, delay)
             await asyncio.sleep(delay)
+
+
+def _log_retry(error: Exception, attempt: int, delay: float) -> None:
+    retry = {"attempt": attempt, "retry_in_s": round(delay, 3)}
+    if isinstance(error, ReinitError):
+        # Retried, 401 included: a token the server does not know may not be provisioned yet.
+        # The server's words say which refusal it was.
+        log.warning(
+            "agent_refused",
+            status=error.status,
+            message=error.message,
+            detail=error.detail,
+            **retry,
+        )
+    elif isinstance(error, RedirectRefused):
+        # A misconfigured proxy, or a server luring the token away: someone must look.
+        log.error(
+            "agent_redirect_refused",
+            status=error.status,
+            location=error.location,
+            reason=error.reason,
+            **retry,
+        )
+    else:
+        log.warning("agent_reconnecting", error=str(error) or type(error).__name__, **retry)

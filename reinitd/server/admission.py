@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import Counter
@@ -14,7 +15,7 @@ from reinitd.server.claim import WAIT, Verdict
 from reinitd.server.doorbell import Doorbell
 from reinitd.server.hub import Delivery, End, Hub, Subscription
 from reinitd.server.presence import Presence
-from reinitd.server.store import Store
+from reinitd.server.store import Admitted, Store
 
 log = structlog.get_logger("reinitd.server.admission")
 
@@ -110,6 +111,57 @@ class Ticket:
         self._admission._release_process_slot()
 
 
+class Reads:
+    """Connect reads that arrive together go to the database together.
+
+    A connect's read starts at once when fewer than `concurrency` reads are in flight (a lone
+    connect never waits for company); otherwise it waits for the next one to start, with every
+    read asked for meanwhile, up to `limit` a read. A storm of thousands of connects within
+    milliseconds thus costs a few dozen round trips, not thousands. A read runs in a task of its
+    own: a client that hangs up abandons its answer, never a query half sent."""
+
+    def __init__(self, store: Store, *, concurrency: int = 2, limit: int = 1000) -> None:
+        self.store = store
+        self.concurrency = concurrency
+        self.limit = limit
+        self._waiting: list[tuple[bytes, asyncio.Future[Admitted | None]]] = []
+        self._reading: set[asyncio.Task[None]] = set()
+
+    async def read(self, token_hash: bytes) -> Admitted | None:
+        answer: asyncio.Future[Admitted | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((token_hash, answer))
+        self._start()
+        return await answer
+
+    def _start(self) -> None:
+        while self._waiting and len(self._reading) < self.concurrency:
+            batch, self._waiting = self._waiting[: self.limit], self._waiting[self.limit :]
+            task = asyncio.create_task(self._read(batch), name="reinitd-connect-read")
+            self._reading.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._reading.discard(task)
+        self._start()
+
+    async def _read(self, batch: list[tuple[bytes, asyncio.Future[Admitted | None]]]) -> None:
+        metrics.CONNECT_READ_BATCH.observe(len(batch))
+        try:
+            found = await self.store.admit_many([token_hash for token_hash, _ in batch])
+        except asyncio.CancelledError:
+            for _, answer in batch:
+                answer.cancel()
+            raise
+        except Exception as exc:
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        for (_, answer), admitted in zip(batch, found, strict=True):
+            if not answer.done():  # its client hung up meanwhile
+                answer.set_result(admitted)
+
+
 class Admission:
     """A process slot, an agent slot and a subscription, then the durable check.
 
@@ -130,7 +182,7 @@ class Admission:
         max_streams_per_agent: int,
         presence: Presence | None = None,
     ) -> None:
-        self.store = store
+        self.reads = Reads(store)
         self._hub = hub
         self._doorbell = doorbell
         self.presence = presence
@@ -199,7 +251,7 @@ class Admission:
         try:
             mark = self._doorbell.mark()
             started = time.perf_counter()
-            admitted = await self.store.admit(token_hash, wait=wait)
+            admitted = await self.reads.read(token_hash)
             if admitted is None:
                 raise ApiError(
                     401, "Unauthorized.", "The agent token is not known.", reason="unknown_token"
@@ -211,7 +263,7 @@ class Admission:
             self._take_agent_slot(admitted.agent_id)
             ticket.agent_id = admitted.agent_id
             ticket.subscription = self._hub.subscribe(workspace_id, wait=wait)
-            if admitted.verdict is not None:  # without wait: no checks, nothing pre-seeded
+            if wait:  # without wait: no checks, nothing pre-seeded
                 ticket.verdict = admitted.verdict
                 self._doorbell.catch_up(mark, workspace_id)
         except BaseException:

@@ -21,7 +21,7 @@ class MemoryStore:
     `verdicts` is what the builds say about each workspace (a workspace it does not hold is
     gone); presence and receipts are kept as the SQL keeps them. `fail`, when set, is raised
     by every call (an outage); `calls` counts the calls by name (statements sent). While
-    `hold` is set, `admit` stops between its read and its answer (`reading` tells when), the
+    `hold` is set, `admit_many` stops between its read and its answer (`reading` tells when), the
     instant where a claim must not slip through."""
 
     def __init__(self) -> None:
@@ -47,16 +47,16 @@ class MemoryStore:
         if self.fail is not None:
             raise self.fail
 
-    async def admit(self, token_hash: bytes, *, wait: bool) -> Admitted | None:
-        self._call("admit")
-        found = self.agents.get(token_hash)
-        verdict = None if found is None or not wait else self.states.get(found[1], GONE)
+    async def admit_many(self, token_hashes: Sequence[bytes]) -> list[Admitted | None]:
+        self._call("admit_many")
+        found = [self.agents.get(token_hash) for token_hash in token_hashes]
+        answers: list[Admitted | None] = [
+            None if f is None else Admitted(f[0], f[1], self.states.get(f[1], GONE)) for f in found
+        ]
         if self.hold is not None:
             self.reading.set()
             await self.hold.wait()
-        if found is None:
-            return None
-        return Admitted(found[0], found[1], verdict)
+        return answers
 
     async def verdicts(self, workspace_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Verdict]:
         self._call("verdicts")

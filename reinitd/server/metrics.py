@@ -70,6 +70,11 @@ DURABLE_CHECK_SECONDS = Histogram(
     "Duration of the per-request build read",
     buckets=_FAST_BUCKETS,
 )
+CONNECT_READ_BATCH = Histogram(
+    "reinitd_connect_read_batch_size",
+    "Connects read from the database together, in one round trip",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1000),
+)
 RESPONSES = Counter("reinitd_responses_total", "Reinit responses by status", ["status"])
 NOTIFY_TO_WRITE_SECONDS = Histogram(
     "reinitd_notify_to_write_seconds",

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from reinitd.server.claim import Verdict, judge, read_verdicts
-from reinitd.server.database import pooled, uncancelled
+from reinitd.server.database import pooled
 from reinitd.server.query import QUERIES
 from reinitd.server.store import Admitted, Present, Receipt
 
@@ -21,17 +21,14 @@ class PgStore:
         self.pool = pool
         self.timeout = timeout
 
-    async def admit(self, token_hash: bytes, *, wait: bool) -> Admitted | None:
+    async def admit_many(self, token_hashes: Sequence[bytes]) -> list[Admitted | None]:
         async with pooled(self.pool, self.timeout) as conn:
-            query = QUERIES["admit" if wait else "agent_by_token_hash"]
-            # A hang-up mid-query must not cost a cancel request (see `uncancelled`).
-            row = await uncancelled(conn.fetchrow(query, token_hash))
-        if row is None:
-            return None
-        verdict = None
-        if wait:  # null columns: the workspace is gone
+            rows = await conn.fetch(QUERIES["admit_many"], token_hashes)
+        found: list[Admitted | None] = [None] * len(token_hashes)
+        for row in rows:  # null columns: the workspace is gone
             verdict = judge(row if row["owner_id"] is not None else None)
-        return Admitted(row["agent_id"], row["workspace_id"], verdict)
+            found[row["i"] - 1] = Admitted(row["agent_id"], row["workspace_id"], verdict)
+        return found
 
     async def verdicts(self, workspace_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Verdict]:
         async with pooled(self.pool, self.timeout) as conn:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -90,7 +91,12 @@ def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
         )
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        hint = " (another server is there: pick another --port)" if exc.errno == EADDRINUSE else ""
+        hint = (
+            " (another server is there: pick another port with --port or REINITD_PORT, "
+            "e.g. make run REINITD_PORT=8081)"
+            if exc.errno == EADDRINUSE
+            else ""
+        )
         raise ReinitdError(
             f"cannot listen on {settings.host}:{settings.port}: {reason}{hint}"
         ) from None
@@ -99,7 +105,8 @@ def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
 async def run_server(settings: Settings, sock: socket.socket, stop: Stop) -> None:
     """Serve on `sock` until asked to stop, then stop accepting, end open streams and exit."""
     loop = asyncio.get_running_loop()
-    loop.set_exception_handler(AcceptErrors())
+    accept_errors = AcceptErrors()
+    loop.set_exception_handler(accept_errors)
     app = create_app(settings)
     runner = make_runner(app, access_log_class=AccessLogger)
     await runner.setup()
@@ -114,7 +121,10 @@ async def run_server(settings: Settings, sock: socket.socket, stop: Stop) -> Non
         url = f"http://{settings.host}:{settings.port}"
         log.info("server_started", url=url, event_loop=type(loop).__module__.split(".")[0])
         print(f"reinitd: serving on {url}", file=sys.stderr, flush=True)
-        async with running({"collector": collector.run}):
+        tasks = {"collector": collector.run}
+        if not AcceptErrors.reported_by(loop):  # uvloop: failed accepts are found by probing
+            tasks["accept-watch"] = functools.partial(accept_errors.watch, sock)
+        async with running(tasks):
             await stop.wait()
         log.info("server_stopping", signal=signal.Signals(stop.signal or signal.SIGTERM).name)
     finally:

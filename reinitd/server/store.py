@@ -13,11 +13,12 @@ from reinitd.server.claim import Verdict
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """A known token's agent and workspace; with `wait`, what the durable check says."""
+    """A known token's agent and workspace, and what the durable check says of it (used by
+    `wait=true` requests only)."""
 
     agent_id: uuid.UUID
     workspace_id: uuid.UUID
-    verdict: Verdict | None = None
+    verdict: Verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +48,9 @@ class Receipt:
 class Store(Protocol):
     """What the server asks of its database."""
 
-    async def admit(self, token_hash: bytes, *, wait: bool) -> Admitted | None:
-        """The agent of a token (None: unknown) and, with `wait`, its workspace's verdict, in
-        one round trip."""
+    async def admit_many(self, token_hashes: Sequence[bytes]) -> list[Admitted | None]:
+        """For each token hash, its agent and its workspace's verdict (None: an unknown token),
+        in one round trip however many."""
 
     async def verdicts(self, workspace_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Verdict]:
         """The verdict for every workspace of a batch, in one round trip."""

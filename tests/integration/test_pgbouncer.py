@@ -139,7 +139,7 @@ def test_pooler_setting_chooses_the_statement_cache() -> None:
         resolve(SERVE, {}, {"REINITD_DATABASE_POOLER": "pgbouncer"})
 
 
-@pytest.mark.parametrize(("pooler", "prepared"), [("none", 3), ("transaction", 0)])
+@pytest.mark.parametrize(("pooler", "prepared"), [("none", len(HOT_QUERIES)), ("transaction", 0)])
 async def test_pooled_connections_come_with_the_hot_statements_prepared(
     make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch, pooler: str, prepared: int
 ) -> None:

@@ -438,3 +438,37 @@ async def test_old_receipts_are_pruned_by_retention(conn: asyncpg.Connection) ->
     assert len(left) == 1
     with pytest.raises(asyncpg.InvalidParameterValueError, match="at least a minute"):
         await conn.fetchval("SELECT reinitd.prune_deliveries(interval '1 second')")
+
+
+async def test_a_long_dead_replicas_rows_are_deleted_by_the_living(
+    client: Client, conn: asyncpg.Connection
+) -> None:
+    """A replica expired for over a minute (killed long ago) is invisible in agent_presence, and
+    the next report of any live replica deletes its rows."""
+    dead = f"dead:{uuid.uuid4().hex[:6]}"
+    await conn.execute(
+        "INSERT INTO reinitd.replicas (replica, started_at, reported_at, expires_at)"
+        " VALUES ($1, now() - interval '2 hours', now() - interval '2 hours',"
+        " now() - interval '2 minutes')",
+        dead,
+    )
+    await conn.execute(
+        "INSERT INTO reinitd.presence"
+        " VALUES ($1, 1, $2, $3, 'sse', true, now() - interval '2 hours')",
+        dead,
+        uuid.uuid4(),
+        uuid.uuid4(),
+    )
+    visible = await conn.fetchval(
+        "SELECT count(*) FROM reinitd.agent_presence WHERE replica = $1", dead
+    )
+    assert visible == 0
+    await client.app[PRESENCE].flush()  # a live replica reports (renewal is due at its start)
+    client.app[PRESENCE].reassert()
+    await client.app[PRESENCE].flush()
+    assert (
+        await conn.fetchval("SELECT count(*) FROM reinitd.presence WHERE replica = $1", dead) == 0
+    )
+    assert (
+        await conn.fetchval("SELECT count(*) FROM reinitd.replicas WHERE replica = $1", dead) == 0
+    )

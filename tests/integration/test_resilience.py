@@ -501,20 +501,21 @@ async def test_a_doorbell_read_on_a_partitioned_connection_is_retried(
 async def test_a_query_postgresql_refuses_is_a_500_with_its_traceback_not_a_503(
     make_server: ServerFactory, sql: Sql, conn: asyncpg.Connection, postgres: Cluster
 ) -> None:
-    """A missing grant (the server's role may resolve tokens but not read claim_state) is a
-    misconfiguration, not an outage: a connect gets 500 with its traceback logged, never
-    `503 The database does not answer`, and a doorbell read refused the same way logs its
-    traceback too."""
+    """A missing grant (the server's role may call the token function but not read
+    claim_state) is a misconfiguration, not an outage: a connect gets 500 with its traceback
+    logged, never `503 The database does not answer`, and a doorbell read refused the same way
+    logs its traceback too."""
     url = await login_role(conn, postgres, "ungranted")
     role = urllib.parse.urlsplit(url).username
     for grant in (
         "GRANT USAGE ON SCHEMA reinitd TO %I",
-        "GRANT EXECUTE ON FUNCTION reinitd.agent_by_token_hash(bytea) TO %I",
+        "GRANT EXECUTE ON FUNCTION reinitd.agents_by_token_hashes(bytea[]) TO %I",
     ):
         await conn.execute(await conn.fetchval("SELECT format($1, $2::text)", grant, role))
     client = await make_server(database_url=url)
     agent = await sql.prebuild()
-    await open_stream(client, agent.token, wait=False)  # the token lookup alone: allowed
+    # A waiter for the doorbell to read for (no connect can register one on this role).
+    waiter = client.app[HUB].subscribe(agent.workspace_id, wait=True)
     with structlog.testing.capture_logs() as logs:
         response = await client.get(
             REINIT, params={"wait": "true"}, headers={"Coder-Session-Token": agent.token}
@@ -526,6 +527,7 @@ async def test_a_query_postgresql_refuses_is_a_500_with_its_traceback_not_a_503(
     errors = {entry["event"] for entry in logs if entry.get("exc_info")}
     assert {"request_failed", "read_error"} <= errors
     assert "database_unavailable" not in {entry["event"] for entry in logs}
+    client.app[HUB].remove(waiter)
 
 
 async def test_a_flapping_listener_still_gets_every_workspace_resynced(

