@@ -35,10 +35,10 @@ test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 ## The adapter's selection: the unit tier, then the integration tests marked `internals` (the
-## take-over, the listener's fast path and their fallbacks). VENV= picks the venv to run it in.
+## take-over, the listener's fast path and their fallbacks), with the pytest of venv $(1).
+internals_tests = $(1)/bin/pytest tests/unit $(PYTEST_ARGS) && $(1)/bin/pytest -m internals tests/integration $(PYTEST_ARGS)
 test-internals: $(STAMP)
-	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
-	$(BIN)/pytest -m internals tests/integration $(PYTEST_ARGS)
+	$(call internals_tests,$(VENV))
 
 ## The same selection against the newest releases of aiohttp and asyncpg, with setup.cfg's
 ## ceilings lifted (reinitd installed without its dependencies; asyncpg-stubs, which pins
@@ -49,7 +49,7 @@ test-newest: $(NEWEST)/.installed-stamp
 	$(NEWEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager aiohttp asyncpg
 	$(NEWEST)/bin/pip install --quiet --no-deps -e .
 	@$(NEWEST)/bin/python -c 'import aiohttp, asyncpg, sys; print(f"newest: Python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, asyncpg {asyncpg.__version__}")'
-	$(MAKE) --no-print-directory test-internals VENV=$(NEWEST) STAMP=$(NEWEST)/.installed-stamp
+	$(call internals_tests,$(NEWEST))
 
 $(NEWEST)/.installed-stamp: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(NEWEST)
@@ -62,7 +62,7 @@ $(NEWEST)/.installed-stamp: setup.cfg pyproject.toml
 FLOORS := .venv-floors
 test-floors: $(FLOORS)/.installed-stamp
 	@$(FLOORS)/bin/python -c 'import aiohttp, asyncpg, structlog, sys; print(f"floors: Python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, asyncpg {asyncpg.__version__}, structlog {structlog.__version__}")'
-	$(MAKE) --no-print-directory test-internals VENV=$(FLOORS) STAMP=$(FLOORS)/.installed-stamp
+	$(call internals_tests,$(FLOORS))
 	PIP_CONSTRAINT=$(CURDIR)/.ci/floors-agent.txt $(FLOORS)/bin/pytest tests/integration/test_agent_install.py $(PYTEST_ARGS)
 
 $(FLOORS)/.installed-stamp: setup.cfg pyproject.toml .ci/floors.txt
@@ -81,7 +81,7 @@ test-matrix: $(foreach version,$(MATRIX_FOUND),.venv-$(version)/.installed-stamp
 	@echo "matrix: Python $(MATRIX_FOUND) (of $(MATRIX))"
 	@failed=""; for version in $(MATRIX_FOUND); do \
 	    .venv-$$version/bin/python -c 'import aiohttp, asyncpg, sys; print(f"Python {sys.version.split()[0]}: aiohttp {aiohttp.__version__}, asyncpg {asyncpg.__version__}")'; \
-	    $(MAKE) --no-print-directory test-internals VENV=.venv-$$version STAMP=.venv-$$version/.installed-stamp || failed="$$failed $$version"; \
+	    { $(call internals_tests,.venv-$$version); } || failed="$$failed $$version"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "matrix: failed on Python$$failed"; exit 1; fi
 
