@@ -52,6 +52,7 @@ class Collector:
         self._streams = streams
         self._started = 0.0
         self.full_collections = 0
+        self.freezes = 0  # survivors frozen after a full collection (not by a settle)
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -102,4 +103,5 @@ class Collector:
                 # made since is gone (a cycle frozen would live until the next rescan).
                 gc.collect(1)
                 gc.freeze()
+                self.freezes += 1
             seen, previous = self.full_collections, streams
