@@ -69,7 +69,7 @@ def parse_frame(raw: bytes) -> Frame:
     return Frame(event, parsed)
 
 
-class Stream:
+class SseReader:
     """An open reinit SSE response, read frame by frame with bounded waits."""
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
@@ -94,7 +94,7 @@ class Stream:
 
 
 @dataclass(frozen=True)
-class Agent:
+class Provisioned:
     workspace_id: uuid.UUID
     agent_id: uuid.UUID
     token: str
@@ -106,7 +106,7 @@ class Sql:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
 
-    async def prebuild(self, name: str = "pb", pool: str | None = None) -> Agent:
+    async def prebuild(self, name: str = "pb", pool: str | None = None) -> Provisioned:
         if pool is None:  # the one-argument call, as before pools
             row = await self.conn.fetchrow("SELECT * FROM reinitd.create_prebuild($1)", name)
         else:
@@ -114,14 +114,14 @@ class Sql:
                 "SELECT * FROM reinitd.create_prebuild($1, $2)", name, pool
             )
         assert row is not None
-        return Agent(row["workspace_id"], row["agent_id"], row["agent_token"])
+        return Provisioned(row["workspace_id"], row["agent_id"], row["agent_token"])
 
-    async def workspace(self, owner: uuid.UUID, name: str = "ws") -> Agent:
+    async def workspace(self, owner: uuid.UUID, name: str = "ws") -> Provisioned:
         row = await self.conn.fetchrow(
             "SELECT * FROM reinitd.create_workspace($1, $2)", name, owner
         )
         assert row is not None
-        return Agent(row["workspace_id"], row["agent_id"], row["agent_token"])
+        return Provisioned(row["workspace_id"], row["agent_id"], row["agent_token"])
 
     async def user(self) -> uuid.UUID:
         value: uuid.UUID = await self.conn.fetchval(
@@ -331,7 +331,7 @@ async def open_stream(
     *,
     wait: bool = True,
     headers: dict[str, str] | None = None,
-) -> Stream:
+) -> SseReader:
     """GET the reinit endpoint as an agent does and check the stream's headers."""
     response = await client.get(
         REINIT,
@@ -342,10 +342,10 @@ async def open_stream(
     assert response.headers["Content-Type"] == "text/event-stream"
     assert response.headers["Cache-Control"] == "no-cache"
     assert response.headers["X-Accel-Buffering"] == "no"
-    return Stream(response)
+    return SseReader(response)
 
 
-async def settle(client: TestClient[web.Request, web.Application]) -> None:
+async def notifies_applied(client: TestClient[web.Request, web.Application]) -> None:
     """Every NOTIFY committed before this call has reached the listener (its own probe NOTIFY,
     committed later, came back) and has been read and applied by the doorbell."""
     app = client.app
@@ -354,11 +354,11 @@ async def settle(client: TestClient[web.Request, web.Application]) -> None:
 
 
 async def assert_no_more_events(
-    client: TestClient[web.Request, web.Application], stream: Stream, workspace_id: object
+    client: TestClient[web.Request, web.Application], stream: SseReader, workspace_id: object
 ) -> None:
     """Nothing but pings is left for the stream once every NOTIFY so far has been applied:
     its subscription is ended and everything it still wrote is read to the end."""
-    await settle(client)
+    await notifies_applied(client)
     for sub in client.app[HUB].snapshot():
         if sub.workspace_id == workspace_id:
             sub.end(End("test"))
@@ -429,7 +429,7 @@ def attach_stream(
     admission: Admission, hub: Hub, transport: asyncio.Transport, write_timeout: float = 1.0
 ) -> Subscription:
     """A stream on `transport` as a take-over leaves it: a ticket holding a process slot and a
-    subscription, handed to the Stream that became the transport's protocol. Returns the
+    subscription, handed to the server Stream that became the transport's protocol. Returns the
     subscription."""
     admission._take_process_slot()
     ticket = Ticket(admission)

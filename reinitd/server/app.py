@@ -13,7 +13,7 @@ from aiohttp import web
 from reinitd.errors import DatabaseUnavailableError
 from reinitd.server import handler, internals
 from reinitd.server.admission import Admission
-from reinitd.server.connection import Runner, fit
+from reinitd.server.connection import Runner, budgeted
 from reinitd.server.database import (
     CONNECT_ERRORS,
     Outage,
@@ -232,7 +232,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[request_context])
-    app[SETTINGS] = settings = fit(settings)
+    app[SETTINGS] = settings = budgeted(settings)
     log.info(
         "connection_budget",
         connections=settings.max_connections,

@@ -44,7 +44,7 @@ def _malloc_trim() -> Callable[[], object]:
 trim_heap = _malloc_trim()
 
 
-class Collector:
+class GcPacer:
     """Installed once per server process; `run` is its supervised task."""
 
     def __init__(self, streams: Callable[[], int] = lambda: 0) -> None:
@@ -71,7 +71,7 @@ class Collector:
             gc.callbacks.remove(self._on_gc)
         gc.unfreeze()
 
-    def settle(self) -> None:
+    def freeze_survivors(self) -> None:
         """Collect everything, then freeze what survived: the pause is paid now, once. The
         heap the storm's requests used and freed goes back to the kernel."""
         gc.unfreeze()
@@ -96,7 +96,7 @@ class Collector:
             streams = self._streams()
             storm_over = streams - settled_at >= SETTLE_AFTER and streams == previous
             if storm_over or time.monotonic() >= rescan_at:
-                self.settle()
+                self.freeze_survivors()
                 rescan_at, settled_at = time.monotonic() + RESCAN, streams
             elif self.full_collections != seen:
                 # The survivors of the full collection that just ran, once the young garbage

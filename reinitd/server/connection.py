@@ -58,7 +58,7 @@ HEAD_ENDS: Final = (b"\n\r\n", b"\n\n")
 
 # Marks a response made for a request the HTTP parser rejected.
 _REJECTED: Final = web.ResponseKey("reinitd_rejected", bool)
-_SHED = {reason: metrics.CONNECTIONS_CLOSED.labels(reason) for reason in metrics.CLOSE_REASONS}
+_CLOSED = {reason: metrics.CONNECTIONS_CLOSED.labels(reason) for reason in metrics.CLOSE_REASONS}
 # Why the gate refused a waiting head (a `reinitd_refusals_total` reason), and what it says.
 _GATE_REFUSALS: Final = {
     "database_stalled": "The database does not answer; retry shortly (open streams are kept).",
@@ -113,11 +113,13 @@ def connection_budget(pool_size: int) -> int:
     return max(16, file_limit() - RESERVED_FILES - ACCEPT_BATCH - pool_size)
 
 
-def fit(settings: Settings) -> Settings:
+def budgeted(settings: Settings) -> Settings:
     """The connection budget and the stream cap made explicit. Streams may fill the budget
     but for 2 % kept for probes and new connects, so that a full server answers an agent
     with a 503 it understands rather than shedding its connection; a cap asked above that is
-    lowered, and said so."""
+    lowered, and said so. Idempotent: `serve` budgets once before its workers start (a lowered
+    cap is said once), and `create_app` budgets what tests build directly (a no-op for
+    settings `serve` already budgeted)."""
     budget = settings.max_connections or connection_budget(settings.pool_max_size)
     cap = budget - budget // 50
     max_streams = cap if settings.max_streams is None else settings.max_streams
@@ -250,7 +252,7 @@ class GuardedHandler(RequestHandler):
         log.error("http_error", kind=kind)
 
 
-def settled(request: web.BaseRequest) -> None:
+def now_waiting(request: web.BaseRequest) -> None:
     """The request now waits (a long-poll subscribed): let the next connection in."""
     protocol = request.protocol
     if (
@@ -482,12 +484,12 @@ class GuardedServer(web.Server):
         elif self._waiting:
             waiting = next(iter(self._waiting))
             del self._waiting[waiting]
-            _SHED["evicted"].inc()
+            _CLOSED["evicted"].inc()
             self._refuse(waiting, "queue_full")
         elif self._kept:
             self._evict(self._kept.popitem(last=False)[0])
         else:
-            _SHED["shed"].inc()
+            _CLOSED["shed"].inc()
             self._idle.pop(newcomer)
             transport.abort()
             return
@@ -495,7 +497,7 @@ class GuardedServer(web.Server):
 
     @staticmethod
     def _evict(handler: RequestHandler) -> None:
-        _SHED["evicted"].inc()
+        _CLOSED["evicted"].inc()
         if handler.transport is not None:
             handler.transport.abort()
 
@@ -505,7 +507,7 @@ class GuardedServer(web.Server):
             and not handler.spoke
             and handler.transport is not None
         ):
-            _SHED["silent"].inc()
+            _CLOSED["silent"].inc()
             handler.transport.abort()
 
 

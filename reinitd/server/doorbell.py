@@ -269,9 +269,9 @@ class Doorbell:
         for workspace_id, verdict in verdicts.items():
             received_at = rung.get(workspace_id)
             if received_at is None:  # a resync or a catch-up, not a NOTIFY
-                self._resync_settled += self._hub.settle(workspace_id, verdict, "resync")
+                self._resync_settled += self._hub.apply(workspace_id, verdict, "resync")
             else:
-                self._hub.settle(workspace_id, verdict, "notify", received_at)
+                self._hub.apply(workspace_id, verdict, "notify", received_at)
                 self._count(workspace_id, verdict)
 
     def _count(self, workspace_id: uuid.UUID, verdict: Verdict) -> None:

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from reinitd.errors import ApiError
 from reinitd.server.admission import Ticket
 from reinitd.server.claim import Deliver, Refuse
-from reinitd.server.connection import settled
+from reinitd.server.connection import now_waiting
 from reinitd.server.hub import Delivery, End
 from reinitd.server.keys import ADMISSION, INTERNALS, READINESS, REQUEST_ID, SETTINGS
 from reinitd.server.stream import stay, take_over
@@ -102,7 +102,7 @@ async def reinit(request: web.Request) -> web.StreamResponse:
             sub.offer(Delivery(verdict.event, "seeded", build_id=verdict.build_id))
         ticket.open("sse" if poll_timeout is None else "json", request[REQUEST_ID])
         if poll_timeout is not None:
-            settled(request)
+            now_waiting(request)
             return await _long_poll(ticket, poll_timeout)
         return await _stream(request, ticket)
     finally:
@@ -152,7 +152,7 @@ async def _stream(request: web.Request, ticket: Ticket) -> web.StreamResponse:
     await response.prepare(request)  # a StreamResponse sends its headers at once
     write_timeout = request.app[SETTINGS].write_timeout
     if not (request.app[INTERNALS].takeover and take_over(request, ticket, write_timeout)):
-        settled(request)
+        now_waiting(request)
         await stay(request, response, ticket, write_timeout)
     return response
 

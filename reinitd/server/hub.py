@@ -236,7 +236,7 @@ class Hub:
         """Workspaces with at least one `wait=true` stream: what a resync must re-read."""
         return [ws for ws, subs in self._subs.items() if any(s.wait for s in subs)]
 
-    def settle(
+    def apply(
         self, workspace_id: uuid.UUID, verdict: Verdict, source: str, received_at: float = 0.0
     ) -> int:
         """Apply what the database says about a workspace to its streams; returns how many it

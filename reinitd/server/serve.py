@@ -31,8 +31,8 @@ from reinitd.errors import ReinitdError
 from reinitd.server import database, embedded
 from reinitd.server.access import AccessLogger
 from reinitd.server.app import create_app, make_runner
-from reinitd.server.collector import Collector
-from reinitd.server.connection import ACCEPT_BATCH, AcceptErrors, fit
+from reinitd.server.collector import GcPacer
+from reinitd.server.connection import ACCEPT_BATCH, AcceptErrors, budgeted
 from reinitd.server.migration import migrate
 from reinitd.server.tasks import running
 from reinitd.server.workers import STOP_SIGNALS, run_workers
@@ -110,14 +110,14 @@ async def run_server(settings: Settings, sock: socket.socket, stop: Stop) -> Non
     app = create_app(settings)
     runner = make_runner(app, access_log_class=AccessLogger)
     await runner.setup()
-    collector = Collector(lambda: runner.streams_taken)
+    collector = GcPacer(lambda: runner.streams_taken)
     collector.install()
     try:
         # asyncio accepts up to `backlog` connections per loop iteration: a short burst keeps
         # the connection budget exact; the kernel's queue stays deep.
         await web.SockSite(runner, sock, backlog=ACCEPT_BATCH).start()
         sock.listen(settings.backlog)
-        collector.settle()  # start-up objects live for the whole run
+        collector.freeze_survivors()  # start-up objects live for the whole run
         url = f"http://{settings.host}:{settings.port}"
         log.info("server_started", url=url, event_loop=type(loop).__module__.split(".")[0])
         print(f"reinitd: serving on {url}", file=sys.stderr, flush=True)
@@ -160,7 +160,7 @@ def embedded_database(settings: Settings) -> Iterator[Settings]:
 
 
 def _serve(settings: Settings, stop: Stop) -> int:
-    settings = fit(settings)
+    settings = budgeted(settings)
     single = settings.workers == 1
     sock = bind(settings, reuse_port=not single)
     if not single:

@@ -22,9 +22,9 @@ from tests.support import (
     ServerFactory,
     Sql,
     claimed,
+    notifies_applied,
     reinitd_process,
     server_process,
-    settle,
     until,
 )
 
@@ -101,7 +101,7 @@ async def test_claim_runs_command_once_and_not_after_restart(
     await until(lambda: first.state.handled != set(), what="claim handled")
     assert lines(out) == [f"{agent.workspace_id} {owner} prebuild_claimed"]
     await sql.notify(str(agent.workspace_id))  # a DBA's re-announcement: the same claim
-    await settle(client)
+    await notifies_applied(client)
     assert first.runs == 1
     await stopped(task)
 

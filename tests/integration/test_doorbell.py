@@ -21,9 +21,9 @@ from tests.support import (
     after_read,
     assert_no_more_events,
     login_role,
+    notifies_applied,
     open_stream,
     sample,
-    settle,
     until,
 )
 
@@ -72,12 +72,12 @@ async def test_forged_notifies_deliver_nothing_then_the_real_claim_once(
             headers={"Coder-Session-Token": agent.token, "Accept": "application/json"},
         )
     )
-    await settle(client)
+    await notifies_applied(client)
     before = unconfirmed()
     payloads = forgeries(agent.workspace_id) * 40  # a burst: far beyond any queue's bound
     for payload in payloads:
         await mallory.notify(payload)
-    await settle(client)
+    await notifies_applied(client)
     assert not long_poll.done()
     assert unconfirmed() >= before + 1  # doorbells that arrive together are read together
     owner = await sql.user()
@@ -108,7 +108,7 @@ async def test_forged_claim_failed_while_the_claim_build_runs(
     stream = await open_stream(client, agent.token)
     forged = {"workspace_id": str(agent.workspace_id), "reason": "claim_failed"}
     await mallory.notify(json.dumps(forged))
-    await settle(client)
+    await notifies_applied(client)
     await sql.complete(build)
     frame = await stream.event()
     assert frame.event == "data"
@@ -140,11 +140,11 @@ async def test_unconfirmed_doorbells_are_logged_sparingly(
     """A flood of forged doorbells is counted in full and logged once, with the count."""
     agent = await sql.prebuild()
     await open_stream(client, agent.token)
-    await settle(client)
+    await notifies_applied(client)
     with structlog.testing.capture_logs() as logs:
         for _ in range(3):  # three separate reads: three unconfirmed doorbells
             await mallory.notify(str(agent.workspace_id))
-            await settle(client)
+            await notifies_applied(client)
     lines = [entry for entry in logs if entry["event"] == "doorbell_unconfirmed"]
     assert len(lines) <= 1
     assert all(entry["workspace_id"] == str(agent.workspace_id) for entry in lines)
@@ -154,12 +154,12 @@ async def test_doorbells_for_workspaces_nobody_waits_on_cost_no_read(
     client: Client, sql: Sql, mallory: Sql
 ) -> None:
     """A NOTIFY naming a workspace no stream here waits on is counted, not read."""
-    await settle(client)
+    await notifies_applied(client)
     reads = sample("reinitd_reads_total", outcome="ok")
     before = sample("reinitd_doorbells_total", outcome="no_waiters")
     for _ in range(50):
         await mallory.notify(str(uuid.uuid4()))
-    await settle(client)
+    await notifies_applied(client)
     assert sample("reinitd_doorbells_total", outcome="no_waiters") == before + 50
     assert sample("reinitd_reads_total", outcome="ok") == reads
 
@@ -170,7 +170,7 @@ async def test_a_transaction_of_claims_is_read_in_batches(
     """300 claims committed together become a few batched reads, not 300 queries."""
     agents = [await sql.prebuild(f"batch-{i}") for i in range(300)]
     streams = [await open_stream(client, a.token) for a in agents]
-    await settle(client)
+    await notifies_applied(client)
     reads = sample("reinitd_reads_total", outcome="ok")
     owner = await sql.user()
     async with conn.transaction():
@@ -200,6 +200,6 @@ async def test_a_connect_overlapping_a_listener_reconnect_rings_no_forged_doorbe
     before = unconfirmed()
     with structlog.testing.capture_logs() as logs:
         await open_stream(client, agent.token)
-        await settle(client)
+        await notifies_applied(client)
     assert unconfirmed() == before
     assert "doorbell_unconfirmed" not in [entry["event"] for entry in logs]

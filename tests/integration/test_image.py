@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 
 from reinitd.server.embedded import Cluster, free_port
-from tests.support import Sql, Stream, claimed, get_reinit, login_role
+from tests.support import Sql, SseReader, claimed, get_reinit, login_role
 
 ROOT = Path(__file__).resolve().parents[2]
 OFFICIAL_BASE = "docker.io/library/python:3.11-slim"
@@ -177,7 +177,7 @@ async def test_image_serves_claims_read_only_as_non_root_and_stops_on_sigterm(
         assert code != 0  # the root filesystem is read-only
         response = await get_reinit(http, base, agent.token)
         assert response.status == 200
-        stream = Stream(response)
+        stream = SseReader(response)
         owner = await sql.user()
         await sql.claim(agent.workspace_id, owner)
         event = await stream.event(10)

@@ -16,11 +16,11 @@ from reinitd.server.embedded import Cluster
 from reinitd.server.handler import OPENAPI
 from tests.support import (
     REINIT,
-    Agent,
     Client,
+    Provisioned,
     ServerFactory,
     Sql,
-    Stream,
+    SseReader,
     login_role,
     open_stream,
     sample,
@@ -263,7 +263,7 @@ async def test_garbage_flood_is_counted_but_logged_sparingly(client: Client, sql
     assert len(invalid) == 1
 
 
-async def assert_delivered_after(sql: Sql, agent: Agent, stream: Stream) -> None:
+async def assert_delivered_after(sql: Sql, agent: Provisioned, stream: SseReader) -> None:
     """A claim committed now reaches the stream: everything before it was dispatched."""
     owner = await sql.user()
     await sql.claim(agent.workspace_id, owner)

@@ -17,7 +17,7 @@ from tests.support import (
     REINIT,
     Client,
     Sql,
-    Stream,
+    SseReader,
     open_stream,
     reinitd_process,
     server_process,
@@ -78,7 +78,7 @@ async def test_server_logs_never_contain_tokens(
             async with http.get(
                 f"{server.url}{REINIT}", params={"wait": "true", **params}, headers=headers
             ) as response:
-                assert (await Stream(response).event()).event == "data"
+                assert (await SseReader(response).event()).event == "data"
         async with http.get(f"{server.url}/metrics") as response:
             assert agent.token not in await response.text()
     log_text = server.log_path.read_text()

@@ -32,7 +32,7 @@ from tests.support import (
     ServerFactory,
     ServerProcess,
     Sql,
-    Stream,
+    SseReader,
     claimed,
     get_reinit,
     login_role,
@@ -184,7 +184,7 @@ async def test_a_hundred_agents_connect_at_once_through_pgbouncer(
     for agent in agents:
         await sql.claim(agent.workspace_id, owner)
     for agent, response in zip(agents, responses, strict=True):
-        assert (await Stream(response).event()).data == claimed(agent.workspace_id, owner)
+        assert (await SseReader(response).event()).data == claimed(agent.workspace_id, owner)
 
 
 async def test_replicas_and_restarts_through_pgbouncer_start_and_serve(
@@ -204,7 +204,7 @@ async def test_replicas_and_restarts_through_pgbouncer_start_and_serve(
         for agent, server in zip(agents, (first, second), strict=True):
             response = await get_reinit(http, server.url, agent.token)
             assert response.status == 200, await response.text()
-            streams.append(Stream(response))
+            streams.append(SseReader(response))
         for agent, stream in zip(agents, streams, strict=True):
             await sql.claim(agent.workspace_id, owner)
             assert (await stream.event()).data == claimed(agent.workspace_id, owner)
@@ -214,7 +214,7 @@ async def test_replicas_and_restarts_through_pgbouncer_start_and_serve(
         response = await get_reinit(http, restarted.url, agent.token)
         assert response.status == 200, await response.text()
         await sql.claim(agent.workspace_id, owner)
-        assert (await Stream(response).event()).data == claimed(agent.workspace_id, owner)
+        assert (await SseReader(response).event()).data == claimed(agent.workspace_id, owner)
         assert troubles(restarted) == []
 
 

@@ -17,13 +17,13 @@ from tests.support import (
     Client,
     ServerFactory,
     Sql,
-    Stream,
+    SseReader,
     after_read,
     assert_no_more_events,
     claimed,
+    notifies_applied,
     open_stream,
     sample,
-    settle,
 )
 
 # Every rule holds on each path of reinitd.server.internals (tests/integration/conftest.py).
@@ -156,7 +156,7 @@ async def test_claim_between_read_and_registration_delivered_once(client: Client
     async def commit_claim(workspace_id: uuid.UUID) -> None:
         assert workspace_id == agent.workspace_id
         await sql.claim(workspace_id, owner)
-        await settle(client)  # its doorbell has been heard, and dropped: no stream yet
+        await notifies_applied(client)  # its doorbell has been heard, and dropped: no stream yet
 
     after_read(client.app[ADMISSION], commit_claim)
     before = sample("reinitd_doorbells_total", outcome="no_waiters")
@@ -224,14 +224,14 @@ async def test_token_in_query_parameter_and_cookie(client: Client, sql: Sql) -> 
     await sql.claim(agent.workspace_id, owner)
     by_query = await client.get(REINIT, params={"wait": "true", "coder_session_token": agent.token})
     assert by_query.status == 200
-    assert (await Stream(by_query).event()).data == claimed(agent.workspace_id, owner)
+    assert (await SseReader(by_query).event()).data == claimed(agent.workspace_id, owner)
     by_cookie = await client.get(
         REINIT,
         params={"wait": "true"},
         headers={"Cookie": f"coder_session_token={agent.token.upper()}"},
     )
     assert by_cookie.status == 200
-    assert (await Stream(by_cookie).event()).data == claimed(agent.workspace_id, owner)
+    assert (await SseReader(by_cookie).event()).data == claimed(agent.workspace_id, owner)
 
 
 # --- wait parsing, JSON long-poll ---------------------------------------------------------

@@ -32,7 +32,7 @@ from tests.support import (
     Client,
     ServerFactory,
     Sql,
-    Stream,
+    SseReader,
     claimed,
     get_reinit,
     login_role,
@@ -174,17 +174,17 @@ async def test_a_bug_while_applying_a_read_loses_nothing(
     again, the listener lives on, and both claims arrive."""
     client = await make_server()
     hub = client.app[HUB]
-    real_settle = hub.settle
+    real_apply = hub.apply
     calls = 0
 
-    def flaky_settle(*args: Any) -> int:
+    def flaky_apply(*args: Any) -> int:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("injected failure")
-        return real_settle(*args)
+        return real_apply(*args)
 
-    monkeypatch.setattr(hub, "settle", flaky_settle)
+    monkeypatch.setattr(hub, "apply", flaky_apply)
     first, second = await sql.prebuild(), await sql.prebuild()
     first_stream = await open_stream(client, first.token)
     second_stream = await open_stream(client, second.token)
@@ -259,7 +259,7 @@ async def test_sigterm_ends_open_streams_and_exits(
         assert all(r.status == 200 for r in responses)
         server.process.send_signal(signal.SIGTERM)
         ends = await asyncio.wait_for(
-            asyncio.gather(*(Stream(r).closed(timeout=10) for r in responses)), 10
+            asyncio.gather(*(SseReader(r).closed(timeout=10) for r in responses)), 10
         )
         assert all(b"event: data" not in end for end in ends)
         assert await asyncio.wait_for(server.process.wait(), 10) == 0
@@ -281,7 +281,7 @@ async def test_two_replicas_each_deliver_to_their_agents(
         for server in (one, two):
             response = await get_reinit(http, server.url, agent.token)
             assert response.status == 200
-            streams.append(Stream(response))
+            streams.append(SseReader(response))
         owner = await sql.user()
         await sql.claim(agent.workspace_id, owner)
         for stream in streams:
@@ -300,7 +300,7 @@ async def test_server_restart_misses_nothing(database_url: str, sql: Sql, tmp_pa
     await sql.claim(agent.workspace_id, owner)  # no server is running
     async with server_process(database_url, tmp_path) as second, aiohttp.ClientSession() as http:
         response = await get_reinit(http, second.url, agent.token)
-        assert (await Stream(response).event()).data == claimed(agent.workspace_id, owner)
+        assert (await SseReader(response).event()).data == claimed(agent.workspace_id, owner)
         response.close()
 
 

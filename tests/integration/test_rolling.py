@@ -25,9 +25,9 @@ import pytest
 from reinitd.server.embedded import free_port
 from tests.support import (
     REINIT,
-    Agent,
+    Provisioned,
     Sql,
-    Stream,
+    SseReader,
     claimed,
     python_module,
     serve_args,
@@ -89,7 +89,9 @@ class Tally:
     all_done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def run_agent(http: aiohttp.ClientSession, url: str, agent: Agent, tally: Tally) -> None:
+async def run_agent(
+    http: aiohttp.ClientSession, url: str, agent: Provisioned, tally: Tally
+) -> None:
     """A wait=true agent: holds its stream, reconnects on any error after a short backoff,
     stops once its claim arrives."""
     broken_at: float | None = None
@@ -113,7 +115,7 @@ async def run_agent(http: aiohttp.ClientSession, url: str, agent: Agent, tally: 
                 tally.open.add(agent.workspace_id)
                 if len(tally.open) == AGENTS:
                     tally.all_open.set()
-                stream = Stream(response)
+                stream = SseReader(response)
                 frame = await stream.event(timeout=3600)
                 assert frame.data is not None
                 tally.events[agent.workspace_id] = frame.data

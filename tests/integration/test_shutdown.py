@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.support import Agent, Sql, get_reinit, server_process
+from tests.support import Provisioned, Sql, get_reinit, server_process
 
 STOPS = 8
 
@@ -44,7 +44,7 @@ async def test_a_loaded_server_stops_cleanly_and_promptly_every_time(
         assert took < 5
 
 
-async def _ring(sql: Sql, agents: list[Agent]) -> None:
+async def _ring(sql: Sql, agents: list[Provisioned]) -> None:
     """NOTIFYs for the waiting workspaces, as fast as the database takes them."""
     while True:
         for agent in agents:

@@ -13,7 +13,7 @@ from reinitd.server.claim import PREBUILDS_USER_ID
 from reinitd.server.embedded import Cluster
 from reinitd.server.migration import migrate
 from reinitd.server.query import migrations
-from tests.support import Agent, Sql
+from tests.support import Provisioned, Sql
 
 
 async def test_prebuild_is_owned_and_built_by_prebuilds_user(
@@ -93,7 +93,7 @@ async def test_misuse_raises_clear_message(sql: Sql, case: str, message: str) ->
         await misuse(sql, case, owner, agent)
 
 
-async def misuse(sql: Sql, case: str, owner: uuid.UUID, agent: Agent) -> None:
+async def misuse(sql: Sql, case: str, owner: uuid.UUID, agent: Provisioned) -> None:
     """Perform one misuse of the SQL API, by name."""
     match case:
         case "claim twice":

@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 
 from reinitd.server import collector as collector_module
-from reinitd.server.collector import Collector
+from reinitd.server.collector import GcPacer
 from reinitd.server.hub import End, Hub
 from tests.support import attach_stream, bare_admission, sample
 
@@ -57,14 +57,14 @@ async def test_a_closed_stream_leaves_no_cycle_of_ours() -> None:
     assert len(hub) == 0
 
 
-def test_settling_freezes_the_survivors_and_measures_the_pause() -> None:
-    """After a settle, what survived is frozen out of later collections, and every pause is
-    counted by generation."""
-    collector = Collector()
+def test_freezing_the_survivors_measures_the_pause() -> None:
+    """After freeze_survivors, what survived is frozen out of later collections, and every
+    pause is counted by generation."""
+    collector = GcPacer()
     collector.install()
     before = sample("reinitd_gc_pause_seconds_count", generation="2")
     try:
-        collector.settle()
+        collector.freeze_survivors()
         assert gc.get_freeze_count() > 0
         gc.collect(0)
         assert sample("reinitd_gc_pause_seconds_count", generation="2") == before + 1
@@ -80,7 +80,7 @@ async def test_a_full_collection_is_followed_by_a_freeze(
     """When the interpreter ran a full collection on its own, its survivors are frozen at the
     next check; every RESCAN seconds everything is unfrozen, collected and frozen again."""
     monkeypatch.setattr(collector_module, "CHECK", 0.01)
-    collector = Collector()
+    collector = GcPacer()
     collector.install()
     freezes: list[str] = []
     monkeypatch.setattr(gc, "freeze", lambda: freezes.append("freeze"))
@@ -94,7 +94,7 @@ async def test_a_full_collection_is_followed_by_a_freeze(
                 await asyncio.sleep(0.01)
         monkeypatch.setattr(collector_module, "RESCAN", 0.0)
         settled = mock.Mock()
-        monkeypatch.setattr(collector, "settle", settled)
+        monkeypatch.setattr(collector, "freeze_survivors", settled)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -115,7 +115,7 @@ async def test_young_garbage_is_collected_not_frozen_after_a_full_collection(
     """A cycle that became garbage between a full collection and the next check is collected
     before the freeze: frozen, it would live until the next rescan."""
     monkeypatch.setattr(collector_module, "CHECK", 0.05)
-    collector = Collector()
+    collector = GcPacer()
     collector.install()
     task = asyncio.create_task(collector.run())
 

@@ -72,9 +72,9 @@ async def test_settle_dedupes_and_reaches_only_that_workspace() -> None:
     hub = Hub()
     other = uuid.uuid4()
     with hub.subscribe(WS, wait=True) as mine, hub.subscribe(other, wait=True) as theirs:
-        assert hub.settle(WS, CLAIM, "notify", 1.0) == 1
+        assert hub.apply(WS, CLAIM, "notify", 1.0) == 1
         for _ in range(1000):
-            assert hub.settle(WS, CLAIM, "notify") == 0  # duplicates grow nothing
+            assert hub.apply(WS, CLAIM, "notify") == 0  # duplicates grow nothing
         assert await mine.next() == Delivery(CLAIM.event, "notify", 1.0)
         assert set(hub.snapshot()) == {mine, theirs}
         for sub in hub.snapshot():
@@ -88,7 +88,7 @@ async def test_overflow_ends_the_stream() -> None:
     hub = Hub(queue_limit=2)
     with hub.subscribe(WS, wait=True) as sub:
         claims = [Deliver(ReinitEvent(WS, owner_id=uuid.uuid4())) for _ in range(3)]
-        assert [hub.settle(WS, claim, "notify") for claim in claims] == [1, 1, 0]
+        assert [hub.apply(WS, claim, "notify") for claim in claims] == [1, 1, 0]
         assert await sub.next() == Delivery(claims[0].event, "notify")
         assert await sub.next() == Delivery(claims[1].event, "notify")
         assert await sub.next() == End("overflow")
@@ -99,11 +99,11 @@ async def test_streams_without_wait_hear_claims_only_from_a_doorbell() -> None:
     a doorbell's claim reaches both; a refusal ends only wait=true streams."""
     hub = Hub()
     with hub.subscribe(WS, wait=True) as waiting, hub.subscribe(WS, wait=False) as legacy:
-        assert hub.settle(WS, CLAIM, "resync") == 1
+        assert hub.apply(WS, CLAIM, "resync") == 1
         assert await waiting.next() == Delivery(CLAIM.event, "resync")
-        assert hub.settle(WS, CLAIM, "notify") == 1  # only legacy had not seen it
+        assert hub.apply(WS, CLAIM, "notify") == 1  # only legacy had not seen it
         assert await legacy.next() == Delivery(CLAIM.event, "notify")
-        hub.settle(WS, Refuse("m", "d"), "notify")
+        hub.apply(WS, Refuse("m", "d"), "notify")
         legacy.ping()
         assert await legacy.next() is PING
 
@@ -114,7 +114,7 @@ async def test_refusal_ends_a_waiting_stream_without_a_claim() -> None:
     hub = Hub()
     with hub.subscribe(WS, wait=True) as told, hub.subscribe(WS, wait=True) as untold:
         told.offer(Delivery(CLAIM.event, "seeded"))
-        assert hub.settle(WS, Refuse("m", "d"), "resync") == 1
+        assert hub.apply(WS, Refuse("m", "d"), "resync") == 1
         assert await untold.next() == End("refused", Refuse("m", "d"), "resync")
         assert await told.next() == Delivery(CLAIM.event, "seeded")
         told.ping()
