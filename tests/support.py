@@ -305,6 +305,15 @@ async def server_process(
         yield server
 
 
+async def readyz_status(client: Client, expected: int = 200, timeout: float = 10) -> dict[str, str]:
+    """Poll /readyz (its answer is cached for a second) until it answers `expected`."""
+    async with asyncio.timeout(timeout):
+        while (response := await client.get("/readyz")).status != expected:
+            await asyncio.sleep(0.1)
+    body: dict[str, str] = await response.json()
+    return body
+
+
 async def get_reinit(
     http: aiohttp.ClientSession, base_url: str, token: str, *, wait: bool = True
 ) -> aiohttp.ClientResponse:

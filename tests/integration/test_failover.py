@@ -25,6 +25,7 @@ from tests.support import (
     assert_no_more_events,
     claimed,
     open_stream,
+    readyz_status,
     until,
 )
 
@@ -146,9 +147,7 @@ async def test_waiting_agents_get_claims_across_a_standby_promotion(
         await Sql(new_primary).claim(agents[1].workspace_id, owner)
         for agent, stream in zip(agents[:2], streams, strict=False):
             assert (await stream.event(timeout=15)).data == claimed(agent.workspace_id, owner)
-        async with asyncio.timeout(15):
-            while (await client.get("/readyz")).status != 200:
-                await asyncio.sleep(0.1)
+        await readyz_status(client, 200, timeout=15)
         # The promoted standby never had the unlogged presence rows: the replica re-asserts
         # what it holds (the three streams are still open).
         async with asyncio.timeout(5):

@@ -23,6 +23,7 @@ from tests.support import (
     SseReader,
     login_role,
     open_stream,
+    readyz_status,
     sample,
 )
 
@@ -169,9 +170,7 @@ async def test_server_works_under_its_least_privileged_role(
         REINIT, params={"wait": "true"}, headers={"Coder-Session-Token": regular.token}
     )
     assert refused.status == 409
-    async with asyncio.timeout(5):
-        while (await client.get("/readyz")).status != 200:
-            await asyncio.sleep(0.1)
+    await readyz_status(client, 200, timeout=5)
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ from tests.support import (
     get_reinit,
     login_role,
     open_stream,
+    readyz_status,
     server_process,
     until,
 )
@@ -245,9 +246,7 @@ async def test_a_listen_url_through_pgbouncer_is_reported_and_never_ready(
     fixed = await make_server(
         database_url=bouncer.url, listen_database_url=bouncer.direct, database_pooler="transaction"
     )
-    async with asyncio.timeout(10):
-        while (await fixed.get("/readyz")).status != 200:
-            await asyncio.sleep(0.1)
+    await readyz_status(fixed, 200)
     other = await sql.prebuild()
     stream = await open_stream(fixed, other.token)
     await sql.claim(other.workspace_id, owner)

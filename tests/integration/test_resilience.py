@@ -37,6 +37,7 @@ from tests.support import (
     get_reinit,
     login_role,
     open_stream,
+    readyz_status,
     sample,
     server_process,
     until,
@@ -209,15 +210,6 @@ async def test_garbage_notify_storm_leaves_listener_up(client: Client, sql: Sql)
     await sql.claim(agent.workspace_id, owner)
     assert (await stream.event()).data == claimed(agent.workspace_id, owner)
     assert client.app[LISTENER].connected
-
-
-async def readyz_status(client: Client, expected: int) -> dict[str, str]:
-    """Poll /readyz (its answer is cached for a second) until it answers `expected`."""
-    async with asyncio.timeout(10):
-        while (response := await client.get("/readyz")).status != expected:
-            await asyncio.sleep(0.1)
-    body: dict[str, str] = await response.json()
-    return body
 
 
 async def test_readyz_is_503_while_listener_is_down(
