@@ -330,7 +330,7 @@ class Harness:
             if self.profiling is None:
                 yield server
             else:
-                async with _profiled(server.process.pid, RESULTS / f"profile-{self.profiling}"):
+                async with profiled(server.process.pid, RESULTS / f"profile-{self.profiling}"):
                     yield server
 
     @contextlib.asynccontextmanager
@@ -348,7 +348,7 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def _profiled(pid: int, stem: Path) -> AsyncIterator[None]:
+async def profiled(pid: int, stem: Path) -> AsyncIterator[None]:
     """py-spy recording `pid` and its workers into `stem`.txt while the block runs; the block
     starts once py-spy says it samples."""
     output = stem.with_suffix(".log")

@@ -112,3 +112,24 @@ def pct(values: list[float], q: float) -> float:
 
 def ratio(ours: float, theirs: float) -> float:
     return ours / theirs if theirs else float("nan")
+
+
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def kernel_kb() -> dict[str, int]:
+    """The kernel's memory that sockets take (KB): the slab (socket, file, epoll and TCP
+    structures; its unreclaimable part) from /proc/meminfo, and TCP's buffer pages from
+    /proc/net/sockstat, with the TCP sockets in use."""
+    out: dict[str, int] = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("Slab", "SUnreclaim", "MemAvailable"):
+            out[name] = int(rest.split()[0])
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()[1:]
+            values = dict(zip(fields[::2], fields[1::2], strict=True))
+            out["tcp_inuse"] = int(values["inuse"])
+            out["tcp_mem_kb"] = int(values["mem"]) * PAGE_KB
+    return out
