@@ -199,6 +199,11 @@ class LoadGens:
         replies = [await gen.call("stats") for gen in self.gens]
         return {key: sum(r[key] for r in replies) for key in replies[0]}
 
+    async def pause(self) -> None:
+        """Every generator stops reading its streams (see loadgen `pause`)."""
+        for gen in self.gens:
+            await gen.call("pause")
+
     async def close(self) -> None:
         for gen in self.gens:
             await gen.call("close")

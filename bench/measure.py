@@ -47,13 +47,17 @@ def pss_kb(pids: list[int]) -> int:
     return _sum_kb(pids, "smaps_rollup", "Pss:")
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User plus system CPU time the processes used so far."""
+def cpu_seconds(pids: list[int], *, reaped: bool = False) -> float:
+    """User plus system CPU time the processes used so far; with `reaped`, also their
+    children's that exited and were waited for (for a whole tree whose members come and go,
+    such as PostgreSQL's backends)."""
     ticks = 0
     for pid in pids:
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             ticks += int(fields[11]) + int(fields[12])
+            if reaped:
+                ticks += int(fields[13]) + int(fields[14])
     return ticks / CLK_TCK
 
 
@@ -124,7 +128,7 @@ def kernel_kb() -> dict[str, int]:
     out: dict[str, int] = {}
     for line in Path("/proc/meminfo").read_text().splitlines():
         name, _, rest = line.partition(":")
-        if name in ("Slab", "SUnreclaim", "MemAvailable"):
+        if name in ("Slab", "SUnreclaim"):
             out[name] = int(rest.split()[0])
     for line in Path("/proc/net/sockstat").read_text().splitlines():
         if line.startswith("TCP:"):

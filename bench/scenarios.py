@@ -60,6 +60,10 @@ CAPACITY_WAITING = 500
 # ... and an agent refused because its worker is full tries again (SO_REUSEPORT hashes each
 # connection: one worker of four may be given a few hundred more than the mean).
 CAPACITY_RETRIES = 5
+# Scale: requests awaiting their headers at once, over all load generators (8 workers admit
+# 64 each at a time; more only wait at their gates, and time out there on two busy cores).
+SCALE_WAITING = 1000
+SCALE_OPEN_LIMIT = 900.0  # seconds to open them all (152 000 take about three minutes)
 # Scale: idle CPU over two cycles of the default 15 s ping.
 SCALE_IDLE_WINDOW = 30.0
 # Presence: how often the bench looks for new receipt rows (the lag's resolution).
@@ -190,7 +194,8 @@ class Scenarios:
         await self.h.db.sql("settle")
 
     def _postgres_cpu(self) -> float:
-        return cpu_seconds(self._postgres())
+        """PostgreSQL's CPU so far, its backends that exited included."""
+        return cpu_seconds(self._postgres(), reaped=True)
 
     def _postgres(self, but: int = 0) -> list[int]:
         """PostgreSQL's processes (but the backend `but`)."""
@@ -593,8 +598,8 @@ class Scenarios:
         steadily as in capacity: memory per stream (the servers' RSS, and the kernel's slab
         and TCP buffers, both ends of each loopback connection), idle CPU over two ping
         cycles, /healthz, then `claims` paced claims at `rate` per second while all are
-        connected (commit to frame, beside the raw LISTEN floor), and SIGTERM to exit (with
-        --profile, py-spy records the stop alone)."""
+        connected (commit to frame, beside the raw LISTEN floor), and SIGTERM to exit, its
+        clients no longer reading (with --profile, py-spy records the stop alone)."""
         agents = self.agents[:n]
         targets = agents[:: max(1, n // claims)][:claims]
         profile, self.h.profiling = self.h.profiling, None
@@ -610,7 +615,11 @@ class Scenarios:
                 before = await settled_kb(lambda: rss_kb(pids()))
                 kernel_before = kernel_kb()
                 opened = await gens.open(
-                    server.url, agents, waiting=CAPACITY_WAITING, retries=CAPACITY_RETRIES
+                    server.url,
+                    agents,
+                    limit=SCALE_OPEN_LIMIT,
+                    waiting=max(50, SCALE_WAITING // len(gens.gens)),
+                    retries=CAPACITY_RETRIES,
                 )
                 after = await settled_kb(lambda: rss_kb(pids()))
                 kernel_after = kernel_kb()
@@ -624,6 +633,10 @@ class Scenarios:
                 _, floor = await gens.events()
                 still_open = (await gens.stats())["open"]
                 offset = (await asyncio.to_thread(server.log_path.stat)).st_size
+                # The agents stop reading first: their own reaction to 152 000 closes would
+                # take the same two cores (agents live elsewhere); the kernel still takes
+                # every last chunk and FIN.
+                await gens.pause()
                 # CPU during the stop: the servers' (reaped with their parent, so counted in
                 # this process's children's usage), the load generators' and PostgreSQL's.
                 stop_cpu = [cpu_seconds(pids()), cpu_seconds(gens.pids), self._postgres_cpu()]
@@ -657,7 +670,6 @@ class Scenarios:
             "kernel_unreclaimable_per_stream_kb": kernel["SUnreclaim"] / held,
             "kernel_tcp_buffers_per_stream_kb": kernel["tcp_mem_kb"] / held,
             "kernel_tcp_sockets_added": kernel["tcp_inuse"],
-            "available_memory_used_per_stream_kb": -kernel["MemAvailable"] / held,
             "idle_cpu_percent": 100 * idle_cpu,
             "idle_cpu_percent_per_10k": 100 * idle_cpu * 1e4 / held,
             **probe_figures("healthz", healthz),
