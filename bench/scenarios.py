@@ -623,7 +623,9 @@ class Scenarios:
                 )
                 after = await settled_kb(lambda: rss_kb(pids()))
                 kernel_after = kernel_kb()
+                postgres_idle = self._postgres_cpu()
                 idle_cpu = await cpu_share(pids, SCALE_IDLE_WINDOW)
+                postgres_idle = (self._postgres_cpu() - postgres_idle) / SCALE_IDLE_WINDOW
                 healthz = [await probe(server.url, "/healthz") for _ in range(10)]
                 await gens.listen(self.h.db.owner_dsn)
                 cpu = cpu_seconds(pids())
@@ -672,6 +674,8 @@ class Scenarios:
             "kernel_tcp_sockets_added": kernel["tcp_inuse"],
             "idle_cpu_percent": 100 * idle_cpu,
             "idle_cpu_percent_per_10k": 100 * idle_cpu * 1e4 / held,
+            # the pings, and PostgreSQL's share: presence renewals, the 30 s resync re-reads
+            "postgres_idle_cpu_percent": 100 * postgres_idle,
             **probe_figures("healthz", healthz),
             **latency_figures(sent, got, floor),
             "server_cpu_per_claim_us": 1e6 * cpu / max(1, len(got)),
