@@ -171,8 +171,8 @@ def _presence_storm(s: _Section) -> str:
         f"{s('off_statements', '{:.0f}')}; per second of storm on "
         f"{s('on_statements_per_s', '{:.0f}')}, off {s('off_statements_per_s', '{:.0f}')}; rows "
         f"written: presence {s('on_presence_rows_written', '{:.0f}')}, receipts "
-        f"{s('on_receipt_rows_written', '{:.0f}')}; every stream in agent_presence "
-        f"{s('on_presence_shown_s', '{:.2f}')} s after the storm"
+        f"{s('on_receipt_rows_written', '{:.0f}')}; warnings logged on "
+        f"{s('on_log_warnings', '{:.0f}')}, off {s('off_log_warnings', '{:.0f}')}"
     )
 
 

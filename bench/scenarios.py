@@ -4,6 +4,7 @@ docstring; it returns one run's figures as a flat dict (numbers are summarised o
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import resource
@@ -11,7 +12,7 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from tests.compound import stall_under_flood
 from tests.support import ServerProcess, login_role
 
 Agents = Sequence[tuple[str, str]]  # (agent token, workspace id)
+Held = Callable[[int], Awaitable[dict[str, Any]]]  # streams held -> figures
 NAN = float("nan")
 
 CAPACITY_PING = 2.0  # seconds: a short ping interval, so that idle CPU shows the pings' cost
@@ -345,9 +347,16 @@ class Scenarios:
         }
 
     async def _crowd(
-        self, server: ServerProcess, agents: Agents, claimed: int, *, reinitd: bool
+        self,
+        server: ServerProcess,
+        agents: Agents,
+        claimed: int,
+        *,
+        reinitd: bool,
+        held_by: Held | None = None,
     ) -> dict[str, Any]:
-        """Open every agent's stream at once against `server` and measure what it cost."""
+        """Open every agent's stream at once against `server` and measure what it cost (and,
+        with `held_by`, what it measures while the streams are still held)."""
 
         def server_kb() -> int:
             return rss_kb(tree(server.process.pid))
@@ -366,8 +375,10 @@ class Scenarios:
             rss = await settled_kb(server_kb) - rss
             held = (await gens.stats())["open"]
             got = await gens.wait_events(claimed, 10) if claimed else {}
+            more = await held_by(held) if held_by is not None else {}
         registered = opened["registered"]
         return {
+            **more,
             "registered": registered,
             "errors": opened["errors"],
             "error_samples": opened["error_samples"],
@@ -690,8 +701,8 @@ class Scenarios:
         """The storm of `storm` (`n` agents at once, 10 % already claimed, one worker) with
         presence off, then on, beside plain aiohttp, in the same run; with each, the
         statements the server ran (pg_stat_statements: the storm and the presence reports
-        that followed it, until every stream is in reinitd.agent_presence) and the rows
-        presence wrote."""
+        that followed it, until every stream is in reinitd.agent_presence, the agents still
+        connected) and the rows presence wrote."""
         agents = self.agents[:n]
         async with self.h.baseline("plain") as plain:
             base = await self._crowd(plain, agents, claimed=0, reinitd=False)
@@ -701,34 +712,49 @@ class Scenarios:
             await self.h.db.sql("claim_many", [uuid.UUID(w) for _, w in claimed], self.owner)
             conn = await self.h.db.connect()
             try:
-                receipts = await conn.fetchval(BENCH_SQL["last_receipt"])
+                last = await conn.fetchval(BENCH_SQL["last_receipt"])
                 async with self.h.reinitd("--presence", mode) as server:
                     await conn.execute(BENCH_SQL["statements_reset"])
-                    ours = await self._crowd(server, agents, claimed=len(claimed), reinitd=True)
-                    shown = await self._presence_shown(
-                        conn, ours["streams_held"] if mode == "on" else 0
+                    ours = await self._crowd(
+                        server,
+                        agents,
+                        claimed=len(claimed),
+                        reinitd=True,
+                        held_by=functools.partial(self._presence_written, conn, last, mode == "on"),
                     )
-                    statements = await _server_statements(conn, SERVER_ROLE)
-                    sizes = await conn.fetchrow(BENCH_SQL["presence_sizes"])
-                    assert sizes is not None
-                    receipts = len(await conn.fetch(BENCH_SQL["receipts_after"], receipts))
+                    # At --log-level warning: what went wrong, if anything did.
+                    logged = (await asyncio.to_thread(server.log_path.read_bytes)).splitlines()
             finally:
                 await conn.close()
                 await self.unclaim(claimed)
             figures = {
                 **ours,
-                **statements,
-                "statements_per_s": statements["statements"] / ours["all_registered_s"],
-                "presence_rows_written": sizes["presence_rows"],
-                "receipt_rows_written": receipts,
-                "presence_shown_s": shown,
+                "statements_per_s": ours["statements"] / ours["all_registered_s"],
                 "connects_ratio": ratio(ours["connects_per_s"], base["connects_per_s"]),
+                "log_warnings": sum(b'"level": "' in line for line in logged),
+                "log_top_events": top_events([line for line in logged if b'"level": "' in line]),
             }
             out |= {f"{mode}_{key}": value for key, value in figures.items()}
         return {
             **out,
             **{f"plain_{key}": value for key, value in base.items()},
             "on_over_off": ratio(out["on_connects_per_s"], out["off_connects_per_s"]),
+        }
+
+    async def _presence_written(
+        self, conn: asyncpg.Connection, last: int, on: bool, streams: int
+    ) -> dict[str, Any]:
+        """Once presence shows every stream (bounded): what the server ran and wrote since
+        the statements were reset and receipt `last` (the agents still connected)."""
+        await self._presence_shown(conn, streams if on else 0)
+        statements = await _server_statements(conn, SERVER_ROLE)
+        sizes = await conn.fetchrow(BENCH_SQL["presence_sizes"])
+        assert sizes is not None
+        receipts = await conn.fetch(BENCH_SQL["receipts_after"], last)
+        return {
+            **statements,
+            "presence_rows_written": sizes["presence_rows"],
+            "receipt_rows_written": len(receipts),
         }
 
     async def _presence_shown(self, conn: asyncpg.Connection, want: int) -> float:
