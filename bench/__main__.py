@@ -38,11 +38,17 @@ SECTIONS = (
     "naive",
     "recovery",
 )
+# Run only when asked (--only): scale holds 152 000 streams for minutes, and presence preloads
+# pg_stat_statements into the bench's PostgreSQL.
+EXTRA_SECTIONS = ("presence", "scale")
 Run = Callable[[], Awaitable[dict[str, Any]]]
 
 
-async def prepare(cluster: Cluster, log_dir: Path, prebuilds: int, event_loop: str) -> Scenarios:
-    """The schema, the server's login role and `prebuilds` prebuilt workspaces."""
+async def prepare(
+    cluster: Cluster, log_dir: Path, prebuilds: int, event_loop: str, statements: bool
+) -> Scenarios:
+    """The schema, the server's login role and `prebuilds` prebuilt workspaces (and, with
+    `statements`, the pg_stat_statements extension)."""
     owner_dsn = await cluster.ensure_database()
     await migrate(owner_dsn)
     database = Database(cluster, owner_dsn, await cluster.ensure_server_role())
@@ -52,6 +58,8 @@ async def prepare(cluster: Cluster, log_dir: Path, prebuilds: int, event_loop: s
         rows = await conn.fetch(BENCH_SQL["provision"], prebuilds)
         owner = await conn.fetchval(BENCH_SQL["owner"])
         await conn.execute(BENCH_SQL["settle"])
+        if statements:
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
     finally:
         await conn.close()
     agents = [(r["agent_token"], str(r["workspace_id"])) for r in rows]
@@ -63,12 +71,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     os.chmod(root, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
     cluster = ensure_cluster(root / "data", fsync=False)
     cluster.max_connections = args.max_connections
+    only = set(args.only.split(","))
+    if "presence" in only:  # statements counted per query, as they run
+        with (cluster.datadir / "postgresql.conf").open("a") as conf:
+            conf.write("shared_preload_libraries = 'pg_stat_statements'\n")
     cluster.restart()
     try:
         prebuilds = max(
-            args.waiters * args.max_workers, args.storm, args.latency_waiters, args.flood_streams
+            args.waiters * args.max_workers,
+            args.storm,
+            args.latency_waiters,
+            args.flood_streams,
+            args.presence_streams if "presence" in only else 0,
+            args.scale if "scale" in only else 0,
         )
-        bench = await prepare(cluster, root, prebuilds, args.event_loop)
+        bench = await prepare(cluster, root, prebuilds, args.event_loop, "presence" in only)
         out: dict[str, Any] = {
             "machine": {
                 "cpus": os.cpu_count(),
@@ -77,7 +94,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "runs": args.runs,
             },
         }
-        only = set(args.only.split(","))
 
         async def repeat(key: str, name: str, make: Run, runs: int) -> None:
             if key.split("_", 1)[0] not in only:
@@ -142,6 +158,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         await repeat("naive", "naive baseline", lambda: bench.naive(args.naive_limit), 1)
         await repeat("recovery", "recovery", bench.recovery, 1)
+        await repeat(
+            "presence_storm",
+            f"storm of {args.storm}, presence off and on, beside plain aiohttp",
+            lambda: bench.presence_storm(args.storm),
+            args.runs,
+        )
+        await repeat(
+            "presence_held",
+            f"presence at {args.presence_streams} streams, receipts of {args.claims} claims",
+            lambda: bench.presence_held(args.presence_streams, args.claims, args.rate),
+            args.runs,
+        )
+        await repeat(
+            "scale",
+            f"scale: {args.scale} streams over {args.scale_workers} workers",
+            lambda: bench.scale(
+                args.scale,
+                args.scale_workers,
+                args.scale_claims,
+                args.scale_rate,
+                args.scale_log_level,
+            ),
+            args.scale_runs,
+        )
         return out
     finally:
         cluster.stop("immediate")
@@ -171,9 +211,26 @@ def main() -> None:
     add("--flood-streams", type=int, default=1000, help="streams open during the idle flood")
     add("--compound-flood", type=int, default=10_000, help="compound: heads sent at once")
     add("--compound-stall", type=float, default=10.0, help="compound: seconds PostgreSQL stops")
+    add("--presence-streams", type=int, default=19_000, help="presence: streams held")
+    add("--scale", type=int, default=152_000, help="scale: streams held")
+    add("--scale-workers", type=int, default=8, help="scale: serve --workers")
+    add("--scale-claims", type=int, default=1000, help="scale: claims made while all are held")
+    add("--scale-rate", type=float, default=100.0, help="scale: claims per second")
+    add(
+        "--scale-log-level",
+        default="warning",
+        choices=("info", "warning"),
+        help="scale: the servers' --log-level (warning as capacity; info as deployed: lines "
+        "per connect and per stream ended)",
+    )
+    add("--scale-runs", type=int, default=1, help="scale: runs (each takes minutes)")
     add("--naive-limit", type=int, default=1100, help="naive: stop after this many waiters")
     add("--max-connections", type=int, default=1000, help="PostgreSQL's max_connections")
-    add("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
+    add(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run (also: {', '.join(EXTRA_SECTIONS)})",
+    )
     add(
         "--event-loop",
         default="auto",
@@ -186,7 +243,7 @@ def main() -> None:
         help="record each reinitd server with py-spy into bench-results/",
     )
     args = parser.parse_args()
-    unknown = set(args.only.split(",")) - set(SECTIONS)
+    unknown = set(args.only.split(",")) - set(SECTIONS) - set(EXTRA_SECTIONS)
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}")
     RESULTS.mkdir(exist_ok=True)

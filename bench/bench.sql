@@ -38,3 +38,32 @@ WHERE application_name = 'reinitd-listener'
 -- owner --
 -- The user every benchmark claim is made for.
 SELECT reinitd.create_user('bench-owner')
+
+-- statements_reset --
+-- pg_stat_statements (preloaded by the bench for `--only presence`): from zero.
+SELECT pg_stat_statements_reset()
+
+-- server_statements --
+-- What the server's role ran since the reset, by statement.
+SELECT s.query, s.calls, s.total_exec_time
+FROM pg_stat_statements AS s JOIN pg_roles AS r ON r.oid = s.userid
+WHERE r.rolname = $1
+
+-- presence_rows --
+SELECT count(*) FROM reinitd.agent_presence
+
+-- presence_sizes --
+-- Bytes on disk (table, indexes, TOAST) and rows of the presence and receipt tables.
+SELECT pg_total_relation_size('reinitd.presence') AS presence_bytes,
+       pg_total_relation_size('reinitd.replicas') AS replicas_bytes,
+       pg_total_relation_size('reinitd.delivery_receipts') AS receipts_bytes,
+       (SELECT count(*) FROM reinitd.presence) AS presence_rows,
+       (SELECT count(*) FROM reinitd.replicas) AS replicas_rows,
+       (SELECT count(*) FROM reinitd.delivery_receipts) AS receipts_rows
+
+-- last_receipt --
+SELECT coalesce(max(id), 0) FROM reinitd.delivery_receipts
+
+-- receipts_after --
+-- Receipt rows committed since the last one seen (the bench polls: when each appeared).
+SELECT id, workspace_id FROM reinitd.delivery_receipts WHERE id > $1 ORDER BY id

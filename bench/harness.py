@@ -199,6 +199,11 @@ class LoadGens:
         replies = [await gen.call("stats") for gen in self.gens]
         return {key: sum(r[key] for r in replies) for key in replies[0]}
 
+    async def pause(self) -> None:
+        """Every generator stops reading its streams (see loadgen `pause`)."""
+        for gen in self.gens:
+            await gen.call("pause")
+
     async def close(self) -> None:
         for gen in self.gens:
             await gen.call("close")
@@ -330,7 +335,7 @@ class Harness:
             if self.profiling is None:
                 yield server
             else:
-                async with _profiled(server.process.pid, RESULTS / f"profile-{self.profiling}"):
+                async with profiled(server.process.pid, RESULTS / f"profile-{self.profiling}"):
                     yield server
 
     @contextlib.asynccontextmanager
@@ -348,7 +353,7 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def _profiled(pid: int, stem: Path) -> AsyncIterator[None]:
+async def profiled(pid: int, stem: Path) -> AsyncIterator[None]:
     """py-spy recording `pid` and its workers into `stem`.txt while the block runs; the block
     starts once py-spy says it samples."""
     output = stem.with_suffix(".log")

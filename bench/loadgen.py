@@ -7,6 +7,9 @@ Driven by the harness over stdin/stdout, one JSON object per line:
   {"cmd": "events"}                      first-event receipt times, per workspace
   {"cmd": "wait_events", "count": N, "timeout": S}
   {"cmd": "stats"}                       open / closed / error counts, streams and idle
+  {"cmd": "pause"}                       stop reading every stream (the kernel still takes
+                                         what comes): a server's stop measured without
+                                         this process's reaction to it on the same cores
   {"cmd": "close"}                       close every stream and idle connection
   {"cmd": "exit"}
 Times are CLOCK_MONOTONIC, comparable across processes on one machine.
@@ -30,7 +33,6 @@ import asyncpg
 EVENT_MARK = b"event: data\n"
 CONNECT_BATCH = 200  # connects started per loop iteration
 RETRY_DELAY = 0.5  # seconds before an agent refused by a full worker tries again
-FULL = "Too many open streams."  # that refusal's message
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
@@ -223,7 +225,7 @@ class LoadGen:
                         raise
                     current[i] = waiter
                     await answered
-                if FULL not in waiter.refusal or attempt == retries:
+                if waiter.status != HTTPStatus.SERVICE_UNAVAILABLE or attempt == retries:
                     return
                 retried.add(i)
                 del current[i]
@@ -351,6 +353,14 @@ class LoadGen:
             "idle_closed": sum(1 for c in self.idle if c.closed),
         }
 
+    def pause(self) -> dict[str, Any]:
+        paused = 0
+        for waiter in self.waiters:
+            if waiter.transport is not None and not waiter.closed:
+                waiter.transport.pause_reading()
+                paused += 1
+        return {"paused": paused}
+
     def close(self) -> dict[str, Any]:
         transports = [c.transport for c in self.waiters] + [c.transport for c in self.idle]
         for transport in transports:
@@ -386,6 +396,8 @@ async def main() -> None:
             reply = await gen.wait_events(**request)
         elif cmd == "stats":
             reply = gen.stats()
+        elif cmd == "pause":
+            reply = gen.pause()
         elif cmd == "close":
             reply = gen.close()
         else:

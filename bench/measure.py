@@ -47,13 +47,17 @@ def pss_kb(pids: list[int]) -> int:
     return _sum_kb(pids, "smaps_rollup", "Pss:")
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User plus system CPU time the processes used so far."""
+def cpu_seconds(pids: list[int], *, reaped: bool = False) -> float:
+    """User plus system CPU time the processes used so far; with `reaped`, also their
+    children's that exited and were waited for (for a whole tree whose members come and go,
+    such as PostgreSQL's backends)."""
     ticks = 0
     for pid in pids:
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             ticks += int(fields[11]) + int(fields[12])
+            if reaped:
+                ticks += int(fields[13]) + int(fields[14])
     return ticks / CLK_TCK
 
 
@@ -112,3 +116,24 @@ def pct(values: list[float], q: float) -> float:
 
 def ratio(ours: float, theirs: float) -> float:
     return ours / theirs if theirs else float("nan")
+
+
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def kernel_kb() -> dict[str, int]:
+    """The kernel's memory that sockets take (KB): the slab (socket, file, epoll and TCP
+    structures; its unreclaimable part) from /proc/meminfo, and TCP's buffer pages from
+    /proc/net/sockstat, with the TCP sockets in use."""
+    out: dict[str, int] = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("Slab", "SUnreclaim"):
+            out[name] = int(rest.split()[0])
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()[1:]
+            values = dict(zip(fields[::2], fields[1::2], strict=True))
+            out["tcp_inuse"] = int(values["inuse"])
+            out["tcp_mem_kb"] = int(values["mem"]) * PAGE_KB
+    return out

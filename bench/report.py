@@ -153,6 +153,70 @@ def _recovery(rec: Figures) -> str:
     )
 
 
+def _presence_storm(s: _Section) -> str:
+    return (
+        f"6. Presence cost, storm of {s.first('agents')} wait=true agents, 1 worker, same run: "
+        f"presence on {s('on_connects_per_s', '{:.0f}')} connects/s, off "
+        f"{s('off_connects_per_s', '{:.0f}')}, plain aiohttp {s('plain_connects_per_s', '{:.0f}')}"
+        f": on/off {s('on_over_off', '{:.3f}')}x (on/plain {s('on_connects_ratio', '{:.2f}')}x, "
+        f"off/plain {s('off_connects_ratio', '{:.2f}')}x); errors on "
+        f"{s('on_errors', '{:.0f}')}, off {s('off_errors', '{:.0f}')}; server CPU per connect "
+        f"on {s('on_server_cpu_per_connect_ms', '{:.3f}')} ms, off "
+        f"{s('off_server_cpu_per_connect_ms', '{:.3f}')} ms; PostgreSQL CPU per connect on "
+        f"{s('on_postgres_cpu_per_connect_ms', '{:.3f}')} ms, off "
+        f"{s('off_postgres_cpu_per_connect_ms', '{:.3f}')} ms; statements the server ran "
+        f"(pg_stat_statements, the storm and the reports after it) on "
+        f"{s('on_statements', '{:.0f}')} of which presence {s('on_presence_statements', '{:.0f}')}"
+        f" ({s('on_presence_statement_ms', '{:.1f}')} ms of execution), off "
+        f"{s('off_statements', '{:.0f}')}; per second of storm on "
+        f"{s('on_statements_per_s', '{:.0f}')}, off {s('off_statements_per_s', '{:.0f}')}; rows "
+        f"written: presence {s('on_presence_rows_written', '{:.0f}')}, receipts "
+        f"{s('on_receipt_rows_written', '{:.0f}')}; warnings logged on "
+        f"{s('on_log_warnings', '{:.0f}')}, off {s('off_log_warnings', '{:.0f}')}"
+    )
+
+
+def _presence_held(s: _Section) -> str:
+    return (
+        f"   Presence at {s('streams', '{:.0f}')} streams (1 worker): all in agent_presence "
+        f"{s('presence_shown_s', '{:.2f}')} s after the last opened; presence "
+        f"{s('presence_rows', '{:.0f}')} rows, {s('presence_bytes', '{:.0f}')} bytes "
+        f"({s('presence_bytes_per_stream', '{:.0f}')} per stream), replicas "
+        f"{s('replicas_bytes', '{:.0f}')} bytes, delivery_receipts "
+        f"{s('receipts_rows', '{:.0f}')} rows, {s('receipts_bytes', '{:.0f}')} bytes; receipt lag "
+        f"(frame at its agent -> row visible, polled every {s.first('receipt_poll_ms'):g} ms), "
+        f"{s('receipts_seen', '{:.0f}')} of {s('delivered', '{:.0f}')} claims: p50 "
+        f"{s('receipt_lag_p50_ms', '{:.0f}')} ms, p99 {s('receipt_lag_p99_ms', '{:.0f}')} ms, "
+        f"max {s('receipt_lag_max_ms', '{:.0f}')} ms"
+    )
+
+
+def _scale(s: _Section) -> str:
+    return (
+        f"7. Scale, {s('streams', '{:.0f}')} streams over {s.first('workers')} workers "
+        f"({s.first('load_generators')} load generators, log level {s.first('log_level')}): "
+        f"errors {s('errors', '{:.0f}')} ({s('retried_after_503', '{:.0f}')} retried after a "
+        f"503), opened in {s('open_s', '{:.0f}')} s; memory per stream: servers' RSS "
+        f"{s('rss_per_stream_kb', '{:.2f}')} KB, kernel slab "
+        f"{s('kernel_slab_per_stream_kb', '{:.2f}')} KB (unreclaimable "
+        f"{s('kernel_unreclaimable_per_stream_kb', '{:.2f}')}) + TCP buffers "
+        f"{s('kernel_tcp_buffers_per_stream_kb', '{:.2f}')} KB (both ends of each loopback "
+        f"connection); idle CPU at the 15 s ping {s('idle_cpu_percent', '{:.1f}')} % of a core "
+        f"= {s('idle_cpu_percent_per_10k', '{:.2f}')} % per 10 000 agents (PostgreSQL "
+        f"meanwhile {s('postgres_idle_cpu_percent', '{:.1f}')} %); /healthz p50 "
+        f"{s('healthz_p50_ms', '{:.1f}')} ms, {s('healthz_failed', '{:.0f}')} failed; "
+        f"{s('delivered', '{:.0f}')} of {s('claims', '{:.0f}')} paced claims: p50 "
+        f"{s('p50_ms', '{:.2f}')} ms, p99 {s('p99_ms', '{:.2f}')} ms, max "
+        f"{s('max_ms', '{:.2f}')} ms (LISTEN floor p50 {s('floor_p50_ms', '{:.2f}')}, p99 "
+        f"{s('floor_p99_ms', '{:.2f}')} ms); SIGTERM to exit {s('shutdown_s', '{:.2f}')} s (CPU "
+        f"meanwhile: servers {s('stop_cpu_servers_s', '{:.2f}')} s, load generators "
+        f"{s('stop_cpu_load_generators_s', '{:.2f}')} s, PostgreSQL "
+        f"{s('stop_cpu_postgres_s', '{:.2f}')} s; the "
+        f"slowest worker's cleanup {s('worker_stop_max_s', '{:.2f}')} s; "
+        f"{s('stop_log_lines', '{:.0f}')} log lines meanwhile: {s.first('stop_log_top_events')})"
+    )
+
+
 def _baselines(out: Figures) -> list[str]:
     """reinitd's figure, the same run's baseline and the ratio, side by side (medians)."""
     rows: list[tuple[str, str, str, str]] = []
@@ -229,26 +293,38 @@ def _sizing(out: Figures) -> list[str]:
     return [f"Sizing (server process CPU only): {'; '.join(parts)}."] if parts else []
 
 
+# Sections summarised by a line of their own, in the report's order.
+_LINES = {
+    "latency": _latency,
+    "burst": _burst,
+    "forged": _forged,
+    "flood": _flood,
+    "compound": _compound,
+    "presence_storm": _presence_storm,
+    "presence_held": _presence_held,
+    "scale": _scale,
+}
+
+
 def report(out: Figures) -> str:
     lines = [f"reinitd benchmark: {out['machine']}", "(median [min .. max] of the runs)", ""]
     for key in sorted(k for k in out if k.startswith("capacity_w")):
         lines.append(_capacity(_Section(out[key])))
-    if "latency" in out:
-        lines.append(_latency(_Section(out["latency"])))
-    if "burst" in out:
-        lines.append(_burst(_Section(out["burst"])))
+    for key in ("latency", "burst"):
+        if key in out:
+            lines.append(_LINES[key](_Section(out[key])))
     for key in sorted(k for k in out if k.startswith("storm_w")):
         lines.append(_storm(_Section(out[key])))
-    if "forged" in out:
-        lines.append(_forged(_Section(out["forged"])))
-    if "flood" in out:
-        lines.append(_flood(_Section(out["flood"])))
-    if "compound" in out:
-        lines.append(_compound(_Section(out["compound"])))
+    for key in ("forged", "flood", "compound"):
+        if key in out:
+            lines.append(_LINES[key](_Section(out[key])))
     if "naive" in out:
         lines.append(_naive(out["naive"]["runs"][0], out))
     if "recovery" in out:
         lines.append(_recovery(out["recovery"]["runs"][0]))
+    for key in ("presence_storm", "presence_held", "scale"):
+        if key in out:
+            lines.append(_LINES[key](_Section(out[key])))
     for block in (_baselines(out), _sizing(out)):
         if block:
             lines += ["", *block]

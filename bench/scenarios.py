@@ -4,12 +4,15 @@ docstring; it returns one run's figures as a flat dict (numbers are summarised o
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import re
+import resource
 import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +20,21 @@ import asyncpg
 
 from bench.harness import (
     BENCH_SQL,
+    RESULTS,
     Harness,
     gc_settled,
     loadgens,
     loadgens_for,
     probe,
     probes,
+    profiled,
     server_timings,
     until_healthy,
 )
 from bench.measure import (
     cpu_seconds,
     cpu_share,
+    kernel_kb,
     open_files,
     pct,
     pss_kb,
@@ -38,10 +44,12 @@ from bench.measure import (
     settled_kb,
     tree,
 )
+from reinitd.server.embedded import SERVER_ROLE
 from tests.compound import stall_under_flood
 from tests.support import ServerProcess, login_role
 
 Agents = Sequence[tuple[str, str]]  # (agent token, workspace id)
+Held = Callable[[int], Awaitable[dict[str, Any]]]  # streams held -> figures
 NAN = float("nan")
 
 CAPACITY_PING = 2.0  # seconds: a short ping interval, so that idle CPU shows the pings' cost
@@ -54,6 +62,18 @@ CAPACITY_WAITING = 500
 # ... and an agent refused because its worker is full tries again (SO_REUSEPORT hashes each
 # connection: one worker of four may be given a few hundred more than the mean).
 CAPACITY_RETRIES = 5
+# Scale: requests awaiting their headers at once, over all load generators (8 workers admit
+# 64 each at a time; more only wait at their gates, and time out there on two busy cores).
+SCALE_WAITING = 1000
+SCALE_OPEN_LIMIT = 900.0  # seconds to open them all (152 000 take about three minutes)
+# Scale: idle CPU over two cycles of the default 15 s ping.
+SCALE_IDLE_WINDOW = 30.0
+# Presence: how often the bench looks for new receipt rows (the lag's resolution).
+RECEIPT_POLL = 0.02
+PRESENCE_FUNCTIONS = ("report_presence", "record_deliveries")
+# Presence: how long after the last claim's frame its receipt may still be seen (the contract
+# says 2 s; a receipt later than this counts as missing).
+RECEIPT_WINDOW = 5.0
 # An event's name, or the first words of a foreign message (up to its first escape).
 _EVENT = re.compile(rb'"event": "([^"\\]{1,60})')
 
@@ -104,12 +124,51 @@ def top_events(lines: list[bytes], count: int = 3) -> str:
     return ", ".join(f"{name} x{n}" for name, n in names.most_common(count)) or "none"
 
 
-async def _sigterm(server: ServerProcess) -> float:
-    """SIGTERM, and the seconds until the server has exited (at most 60)."""
-    started = time.monotonic()
-    server.process.send_signal(signal.SIGTERM)
-    await asyncio.wait_for(server.process.wait(), 60)
-    return time.monotonic() - started
+async def _sigterm(server: ServerProcess, profile: str | None = None) -> float:
+    """SIGTERM, and the seconds until the server has exited (at most 60); with `profile`,
+    py-spy records the server and its workers from the signal to the exit."""
+    if profile is None:
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(server.process.wait(), 60)
+        return time.monotonic() - started
+    async with profiled(server.process.pid, RESULTS / f"profile-{profile}"):
+        return await _sigterm(server)
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's reaped children (and theirs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _stop_figures(lines: list[bytes]) -> dict[str, Any]:
+    """From the log a server wrote while it stopped: the slowest worker's own account of its
+    stop (`server_stopped` duration_s, from the end of its wait to the end of its cleanup),
+    and the lines written."""
+    durations = [
+        float(json.loads(line)["duration_s"]) for line in lines if b'"server_stopped"' in line
+    ]
+    return {
+        "worker_stop_max_s": max(durations, default=NAN),
+        "stop_log_lines": len(lines),
+        "stop_log_top_events": top_events(lines),
+    }
+
+
+async def _server_statements(conn: asyncpg.Connection, role: str) -> dict[str, float]:
+    """Statements the server role ran since pg_stat_statements was last reset: all of them,
+    and the presence writes (report_presence, record_deliveries) apart."""
+    rows = await conn.fetch(BENCH_SQL["server_statements"], role)
+    presence = [
+        r for r in rows if "report_presence" in r["query"] or "record_deliveries" in r["query"]
+    ]
+    return {
+        "statements": sum(r["calls"] for r in rows),
+        "presence_statements": sum(r["calls"] for r in presence),
+        "statement_ms": sum(r["total_exec_time"] for r in rows),
+        "presence_statement_ms": sum(r["total_exec_time"] for r in presence),
+    }
 
 
 class Scenarios:
@@ -135,6 +194,10 @@ class Scenarios:
     async def unclaim(self, agents: Agents) -> None:
         await self.h.db.sql("unclaim", [uuid.UUID(w) for _, w in agents])
         await self.h.db.sql("settle")
+
+    def _postgres_cpu(self) -> float:
+        """PostgreSQL's CPU so far, its backends that exited included."""
+        return cpu_seconds(self._postgres(), reaped=True)
 
     def _postgres(self, but: int = 0) -> list[int]:
         """PostgreSQL's processes (but the backend `but`)."""
@@ -284,9 +347,16 @@ class Scenarios:
         }
 
     async def _crowd(
-        self, server: ServerProcess, agents: Agents, claimed: int, *, reinitd: bool
+        self,
+        server: ServerProcess,
+        agents: Agents,
+        claimed: int,
+        *,
+        reinitd: bool,
+        held_by: Held | None = None,
     ) -> dict[str, Any]:
-        """Open every agent's stream at once against `server` and measure what it cost."""
+        """Open every agent's stream at once against `server` and measure what it cost (and,
+        with `held_by`, what it measures while the streams are still held)."""
 
         def server_kb() -> int:
             return rss_kb(tree(server.process.pid))
@@ -305,8 +375,10 @@ class Scenarios:
             rss = await settled_kb(server_kb) - rss
             held = (await gens.stats())["open"]
             got = await gens.wait_events(claimed, 10) if claimed else {}
+            more = await held_by(held) if held_by is not None else {}
         registered = opened["registered"]
         return {
+            **more,
             "registered": registered,
             "errors": opened["errors"],
             "error_samples": opened["error_samples"],
@@ -529,3 +601,226 @@ class Scenarios:
             result["postgres_restart_to_event_s"] = got[agents[1][1]] - started
         await self.unclaim(agents[:2])
         return result
+
+    async def scale(
+        self, n: int, workers: int, claims: int, rate: float, log_level: str
+    ) -> dict[str, Any]:
+        """`n` wait=true streams over `workers` workers at the default 15 s ping, arriving
+        steadily as in capacity: memory per stream (the servers' RSS, and the kernel's slab
+        and TCP buffers, both ends of each loopback connection), idle CPU over two ping
+        cycles, /healthz, then `claims` paced claims at `rate` per second while all are
+        connected (commit to frame, beside the raw LISTEN floor), and SIGTERM to exit, its
+        clients no longer reading (with --profile, py-spy records the stop alone)."""
+        agents = self.agents[:n]
+        targets = agents[:: max(1, n // claims)][:claims]
+        profile, self.h.profiling = self.h.profiling, None
+        try:
+            async with (
+                self.h.reinitd(workers=workers, log_level=log_level) as server,
+                loadgens(loadgens_for(n)) as gens,
+            ):
+
+                def pids() -> list[int]:
+                    return tree(server.process.pid)
+
+                before = await settled_kb(lambda: rss_kb(pids()))
+                kernel_before = kernel_kb()
+                opened = await gens.open(
+                    server.url,
+                    agents,
+                    limit=SCALE_OPEN_LIMIT,
+                    waiting=max(50, SCALE_WAITING // len(gens.gens)),
+                    retries=CAPACITY_RETRIES,
+                )
+                after = await settled_kb(lambda: rss_kb(pids()))
+                kernel_after = kernel_kb()
+                postgres_idle = self._postgres_cpu()
+                idle_cpu = await cpu_share(pids, SCALE_IDLE_WINDOW)
+                postgres_idle = (self._postgres_cpu() - postgres_idle) / SCALE_IDLE_WINDOW
+                healthz = [await probe(server.url, "/healthz") for _ in range(10)]
+                await gens.listen(self.h.db.owner_dsn)
+                cpu = cpu_seconds(pids())
+                sent = await self.claim_paced(targets, rate)
+                got = await gens.wait_events(len(targets), 30)
+                cpu = cpu_seconds(pids()) - cpu
+                _, floor = await gens.events()
+                still_open = (await gens.stats())["open"]
+                offset = (await asyncio.to_thread(server.log_path.stat)).st_size
+                # The agents stop reading first: their own reaction to 152 000 closes would
+                # take the same two cores (agents live elsewhere); the kernel still takes
+                # every last chunk and FIN.
+                await gens.pause()
+                # CPU during the stop: the servers' (reaped with their parent, so counted in
+                # this process's children's usage), the load generators' and PostgreSQL's.
+                stop_cpu = [cpu_seconds(pids()), cpu_seconds(gens.pids), self._postgres_cpu()]
+                reaped = _children_cpu()
+                shutdown_s = await _sigterm(server, f"{profile}-stop" if profile else None)
+                stop_cpu = [
+                    _children_cpu() - reaped - stop_cpu[0],
+                    cpu_seconds(gens.pids) - stop_cpu[1],
+                    self._postgres_cpu() - stop_cpu[2],
+                ]
+                stopping = (
+                    await asyncio.to_thread(log_since, server.log_path, offset)
+                ).splitlines()
+        finally:
+            self.h.profiling = profile
+        await self.unclaim(targets)
+        held = max(1, opened["registered"])
+        kernel = {key: kernel_after[key] - kernel_before[key] for key in kernel_before}
+        return {
+            "workers": workers,
+            "load_generators": len(gens.gens),
+            "log_level": log_level,
+            "streams": opened["registered"],
+            "errors": opened["errors"],
+            "error_samples": opened["error_samples"],
+            "retried_after_503": opened["retried"],
+            "open_s": opened["elapsed_s"],
+            "still_open_after_claims": still_open,
+            "rss_per_stream_kb": (after - before) / held,
+            "kernel_slab_per_stream_kb": kernel["Slab"] / held,
+            "kernel_unreclaimable_per_stream_kb": kernel["SUnreclaim"] / held,
+            "kernel_tcp_buffers_per_stream_kb": kernel["tcp_mem_kb"] / held,
+            "kernel_tcp_sockets_added": kernel["tcp_inuse"],
+            "idle_cpu_percent": 100 * idle_cpu,
+            "idle_cpu_percent_per_10k": 100 * idle_cpu * 1e4 / held,
+            # the pings, and PostgreSQL's share: presence renewals, the 30 s resync re-reads
+            "postgres_idle_cpu_percent": 100 * postgres_idle,
+            **probe_figures("healthz", healthz),
+            **latency_figures(sent, got, floor),
+            "server_cpu_per_claim_us": 1e6 * cpu / max(1, len(got)),
+            "shutdown_s": shutdown_s,
+            "stop_cpu_servers_s": stop_cpu[0],
+            "stop_cpu_load_generators_s": stop_cpu[1],
+            "stop_cpu_postgres_s": stop_cpu[2],
+            **_stop_figures(stopping),
+        }
+
+    async def presence_storm(self, n: int, claimed_share: float = 0.1) -> dict[str, Any]:
+        """The storm of `storm` (`n` agents at once, 10 % already claimed, one worker) with
+        presence off, then on, beside plain aiohttp, in the same run; with each, the
+        statements the server ran (pg_stat_statements: the storm and the presence reports
+        that followed it, until every stream is in reinitd.agent_presence, the agents still
+        connected) and the rows presence wrote."""
+        agents = self.agents[:n]
+        async with self.h.baseline("plain") as plain:
+            base = await self._crowd(plain, agents, claimed=0, reinitd=False)
+        out: dict[str, Any] = {"agents": n}
+        for mode in ("off", "on"):
+            claimed = agents[: int(n * claimed_share)]
+            await self.h.db.sql("claim_many", [uuid.UUID(w) for _, w in claimed], self.owner)
+            conn = await self.h.db.connect()
+            try:
+                last = await conn.fetchval(BENCH_SQL["last_receipt"])
+                async with self.h.reinitd("--presence", mode) as server:
+                    await conn.execute(BENCH_SQL["statements_reset"])
+                    ours = await self._crowd(
+                        server,
+                        agents,
+                        claimed=len(claimed),
+                        reinitd=True,
+                        held_by=functools.partial(self._presence_written, conn, last, mode == "on"),
+                    )
+                    # At --log-level warning: what went wrong, if anything did.
+                    logged = (await asyncio.to_thread(server.log_path.read_bytes)).splitlines()
+            finally:
+                await conn.close()
+                await self.unclaim(claimed)
+            figures = {
+                **ours,
+                "statements_per_s": ours["statements"] / ours["all_registered_s"],
+                "connects_ratio": ratio(ours["connects_per_s"], base["connects_per_s"]),
+                "log_warnings": sum(b'"level": "' in line for line in logged),
+                "log_top_events": top_events([line for line in logged if b'"level": "' in line]),
+            }
+            out |= {f"{mode}_{key}": value for key, value in figures.items()}
+        return {
+            **out,
+            **{f"plain_{key}": value for key, value in base.items()},
+            "on_over_off": ratio(out["on_connects_per_s"], out["off_connects_per_s"]),
+        }
+
+    async def _presence_written(
+        self, conn: asyncpg.Connection, last: int, on: bool, streams: int
+    ) -> dict[str, Any]:
+        """Once presence shows every stream (bounded): what the server ran and wrote since
+        the statements were reset and receipt `last` (the agents still connected)."""
+        await self._presence_shown(conn, streams if on else 0)
+        statements = await _server_statements(conn, SERVER_ROLE)
+        sizes = await conn.fetchrow(BENCH_SQL["presence_sizes"])
+        assert sizes is not None
+        receipts = await conn.fetch(BENCH_SQL["receipts_after"], last)
+        return {
+            **statements,
+            "presence_rows_written": sizes["presence_rows"],
+            "receipt_rows_written": len(receipts),
+        }
+
+    async def _presence_shown(self, conn: asyncpg.Connection, want: int) -> float:
+        """Seconds until reinitd.agent_presence shows `want` requests (nan after 10 s)."""
+        started = time.monotonic()
+        while time.monotonic() - started < 10:
+            if await conn.fetchval(BENCH_SQL["presence_rows"]) >= want:
+                return time.monotonic() - started
+            await asyncio.sleep(0.05)  # polled: the database says nothing when it changes
+        return NAN
+
+    async def presence_held(self, n: int, claims: int, rate: float) -> dict[str, Any]:
+        """`n` streams on one worker (arriving steadily), presence on: how long after the last
+        one opened they are all in reinitd.agent_presence, the rows and bytes of the presence
+        and receipt tables; then `claims` claims at `rate` per second, and each receipt's lag:
+        from the frame's arrival at its agent to the receipt row's first sight by a reader
+        polling reinitd.delivery_receipts every 20 ms (the contract: within 2 s)."""
+        agents = self.agents[:n]
+        targets = agents[:: max(1, n // claims)][:claims]
+        conn = await self.h.db.connect()
+        poller = await self.h.db.connect()
+        try:
+            async with self.h.reinitd() as server, loadgens(loadgens_for(n)) as gens:
+                opened = await gens.open(
+                    server.url, agents, waiting=CAPACITY_WAITING, retries=CAPACITY_RETRIES
+                )
+                shown = await self._presence_shown(conn, opened["registered"])
+                row = await conn.fetchrow(BENCH_SQL["presence_sizes"])
+                assert row is not None
+                sizes = dict(row)
+                seen: dict[str, float] = {}
+                stop = asyncio.Event()
+                polling = asyncio.ensure_future(self._watch_receipts(poller, seen, stop))
+                sent = await self.claim_paced(targets, rate)
+                got = await gens.wait_events(len(targets), 30)
+                await asyncio.sleep(RECEIPT_WINDOW)  # the receipts' window: the poller fills `seen`
+                stop.set()
+                await polling
+        finally:
+            await conn.close()
+            await poller.close()
+        await self.unclaim(targets)
+        lag = [seen[w] - got[w] for w in got if w in seen]
+        streams = max(1, opened["registered"])
+        return {
+            "streams": opened["registered"],
+            "errors": opened["errors"],
+            "presence_shown_s": shown,
+            **sizes,
+            "presence_bytes_per_stream": sizes["presence_bytes"] / streams,
+            "claims": len(sent),
+            "delivered": len(got),
+            "receipts_seen": len(lag),
+            "receipt_lag_p50_ms": 1000 * pct(lag, 0.5),
+            "receipt_lag_p99_ms": 1000 * pct(lag, 0.99),
+            "receipt_lag_max_ms": 1000 * max(lag, default=NAN),
+            "receipt_poll_ms": 1000 * RECEIPT_POLL,
+        }
+
+    async def _watch_receipts(
+        self, conn: asyncpg.Connection, seen: dict[str, float], stop: asyncio.Event
+    ) -> None:
+        """Note when each workspace's first receipt row became visible, until `stop`."""
+        last = await conn.fetchval(BENCH_SQL["last_receipt"])
+        while not stop.is_set():
+            for row in await conn.fetch(BENCH_SQL["receipts_after"], last):
+                seen.setdefault(str(row["workspace_id"]), time.monotonic())
+                last = row["id"]
+            await asyncio.sleep(RECEIPT_POLL)  # polled: receipts come with no notification

@@ -61,6 +61,11 @@ class Stop:
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
 
+    @property
+    def requested(self) -> bool:
+        """Whether a stop was asked for (so far)."""
+        return self.signal is not None
+
     @contextlib.contextmanager
     def installed(self) -> Iterator[Stop]:
         previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
@@ -182,6 +187,8 @@ def _worker(settings: Settings) -> None:
     Ctrl-C (the terminal sends it to every process of the group) ends it quietly."""
     # Outermost: a second Ctrl-C may land anywhere, the restoring of the handlers included.
     with contextlib.suppress(KeyboardInterrupt), Stop().installed() as stop:
+        # The supervisor's wake-up file is not this process's to write.
+        signal.set_wakeup_fd(-1)
         # Born with them blocked (run_workers): what came meanwhile is handled now, by `stop`.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         sock = bind(settings, reuse_port=True)

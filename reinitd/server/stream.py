@@ -45,7 +45,15 @@ class Stream(asyncio.Protocol):
     """The protocol of a stream's connection after the take-over: a sink for its
     subscription, and the owner of its ticket (released when the connection is gone)."""
 
-    __slots__ = ("_chunked", "_server", "_stall", "_ticket", "_transport", "_write_timeout")
+    __slots__ = (
+        "_chunked",
+        "_server",
+        "_stall",
+        "_stopping",
+        "_ticket",
+        "_transport",
+        "_write_timeout",
+    )
 
     def __init__(
         self,
@@ -64,6 +72,7 @@ class Stream(asyncio.Protocol):
         self._server = server
         self._write_timeout = write_timeout
         self._stall: asyncio.TimerHandle | None = None
+        self._stopping = False  # ended by the process's stop: nothing to give back
 
     def _write(self, frame: bytes) -> bool:
         """Write one frame; False if the connection is already closing."""
@@ -108,6 +117,10 @@ class Stream(asyncio.Protocol):
             self._ticket.refused(end)
         if self._chunked and not self._transport.is_closing():
             self._transport.write(LAST_CHUNK)
+        # At a stop the process is going away with every stream: its slots, gauges and
+        # presence rows go with it (the replica is retired in one statement), and the stop is
+        # logged once (`streams_closing`), not once per stream.
+        self._stopping = end.why == "shutdown"
         self._transport.close()  # a client not reading is cut off when its stall timer fires
 
     # --- the protocol: what the connection reports ---------------------------------------
@@ -145,6 +158,8 @@ class Stream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.resume_writing()  # cancels a pending stall timer
+        if self._stopping:
+            return
         self._ticket.release(by=self)
         if self._server is not None:
             self._server.stream_closed()

@@ -3,12 +3,13 @@ which restarts a dead one (with backoff) and stops them all on the way out."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import structlog
@@ -59,14 +60,34 @@ def run_workers(settings: Settings, target: Callable[[], None], stop: Stop) -> i
 
     log.info("workers_started", workers=len(slots), pids=[start(slot) for slot in slots])
     try:
-        _watch(slots, start, stop)
+        with _woken_by_signals() as woken:
+            _watch(slots, start, stop, woken)
     except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
         _stop_all(slots, grace=0.0)
         raise
     return _stop_all(slots, settings.shutdown_timeout + 10)
 
 
-def _watch(slots: list[_Slot], start: Callable[[_Slot], int | None], stop: Stop) -> None:
+@contextlib.contextmanager
+def _woken_by_signals() -> Iterator[int]:
+    """A file that becomes readable when a signal arrives (the interpreter writes a byte to
+    it), so that the watch wakes at once on a stop, not at the end of its wait. The workers
+    inherit it: they take it out before they install their own policy."""
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    try:
+        yield read
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(read)
+        os.close(write)
+
+
+def _watch(
+    slots: list[_Slot], start: Callable[[_Slot], int | None], stop: Stop, woken: int
+) -> None:
     """Until asked to stop: restart the dead, after their backoff."""
     while stop.signal is None:
         now = time.monotonic()
@@ -74,7 +95,17 @@ def _watch(slots: list[_Slot], start: Callable[[_Slot], int | None], stop: Stop)
             if slot.process is None and now >= slot.restart_at:
                 log.info("worker_restarted", worker=slot.index, pid=start(slot))
         alive = {s.process.sentinel: s for s in slots if s.process is not None}
-        for sentinel in multiprocessing.connection.wait(list(alive), timeout=0.5):
+        ready = multiprocessing.connection.wait([*alive, woken], timeout=0.5)
+        if woken in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(woken, 512)
+        if stop.requested:
+            # Asked to stop: a worker that exited meanwhile (a stop signal sent to the whole
+            # group, as systemd does) is stopping too, not dead.
+            return
+        for sentinel in ready:
+            if sentinel == woken:
+                continue
             slot = alive[sentinel]  # type: ignore[index]
             assert slot.process is not None
             slot.process.join()
