@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import replace
 from errno import EADDRINUSE
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import structlog
@@ -34,55 +33,14 @@ from reinitd.server.app import create_app, make_runner
 from reinitd.server.collector import GcPacer
 from reinitd.server.connection import ACCEPT_BATCH, AcceptErrors, budgeted
 from reinitd.server.migration import migrate
+from reinitd.server.stopping import STOP_SIGNALS, Stop
 from reinitd.server.tasks import running
-from reinitd.server.workers import STOP_SIGNALS, run_workers
+from reinitd.server.workers import run_workers
 from reinitd.settings import SERVE, Settings, serve_settings
 
 log = structlog.get_logger("reinitd.server.serve")
 
 EMBEDDED_DIR = Path(".reinitd")
-
-
-class Stop:
-    """The process's signal policy, for its whole life: the first SIGINT, SIGTERM or SIGHUP
-    asks for a clean stop (waking the running event loop, if any); a second SIGINT raises
-    KeyboardInterrupt, which cuts a slow shutdown short (cleanup still runs)."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._event: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        if self.signal is None:
-            self.signal = signum
-            if self._loop is not None and self._event is not None:
-                self._loop.call_soon_threadsafe(self._event.set)
-        elif signum == signal.SIGINT:
-            raise KeyboardInterrupt
-
-    @property
-    def requested(self) -> bool:
-        """Whether a stop was asked for (so far)."""
-        return self.signal is not None
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[Stop]:
-        previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    async def wait(self) -> None:
-        self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
-        if self.signal is not None:
-            self._event.set()
-        try:
-            await self._event.wait()
-        finally:
-            self._loop = self._event = None
 
 
 def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:

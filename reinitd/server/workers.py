@@ -15,17 +15,15 @@ from typing import TYPE_CHECKING
 import structlog
 
 from reinitd.backoff import backoff_delay
+from reinitd.server.stopping import STOP_SIGNALS, Stop
 
 if TYPE_CHECKING:
     from multiprocessing.context import ForkProcess
 
-    from reinitd.server.serve import Stop
     from reinitd.settings import Settings
 
 log = structlog.get_logger("reinitd.server.workers")
 
-# The signals that ask a process to stop (serve.Stop is the policy for them).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # A worker that ran this long before dying starts its next life with a short delay again.
 STABLE_AFTER = 60.0
