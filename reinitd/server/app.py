@@ -58,6 +58,7 @@ async def _no_reset(_conn: asyncpg.Connection) -> None:
 
 # The statements of the hot path: a connect (either kind) and a batched claim read.
 HOT_QUERIES: Final[tuple[tuple[str, object], ...]] = (
+    (QUERIES["admit_one"], b""),
     (QUERIES["admit_many"], []),
     (QUERIES["claim_states"], []),
 )

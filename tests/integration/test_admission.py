@@ -15,7 +15,9 @@ from tests.support import (
     Client,
     ServerFactory,
     Sql,
+    SseReader,
     after_read,
+    claimed,
     open_stream,
     sample,
     until,
@@ -167,3 +169,30 @@ async def test_a_connect_whose_read_spans_the_shutdown_gets_a_503_not_a_stream(
     assert response.headers["Retry-After"] == "1"
     assert (await response.json())["message"] == "Service unavailable."
     await assert_nothing_held(client)
+
+
+async def test_connects_read_together_each_get_their_own_answer(
+    make_server: ServerFactory, sql: Sql
+) -> None:
+    """40 connects at once (30 known tokens, 10 unknown) are read in shared round trips: each
+    known one gets a stream on its own workspace, each unknown one a 401."""
+    client = await make_server()
+    agents = [await sql.prebuild(f"batch-{i}") for i in range(30)]
+    unknown = [str(uuid.uuid4()) for _ in range(10)]
+    reads = sample("reinitd_connect_read_batch_size_count")
+    carried = sample("reinitd_connect_read_batch_size_sum")
+    responses = await asyncio.gather(
+        *(
+            client.get(REINIT, params={"wait": "true"}, headers={"Coder-Session-Token": token})
+            for token in [a.token for a in agents] + unknown
+        )
+    )
+    assert [r.status for r in responses] == [200] * 30 + [401] * 10
+    assert sample("reinitd_connect_read_batch_size_sum") - carried == 40
+    assert sample("reinitd_connect_read_batch_size_count") - reads < 40  # some shared a read
+    owner = await sql.user()
+    for agent, response in zip(agents, responses, strict=False):
+        await sql.claim(agent.workspace_id, owner)
+        assert (await SseReader(response).event()).data == claimed(agent.workspace_id, owner)
+    for response in responses:
+        response.close()
