@@ -1,7 +1,8 @@
-"""Rolling restarts behind a real load balancer lose nothing (SPEC §7): three `reinitd serve`
-replicas behind HAProxy (health-checking /readyz), hundreds of agents holding wait=true streams
-and reconnecting, claims made from SQL throughout, each replica SIGTERMed and started again in
-turn. Every claim reaches its agent, and no agent sees a 5xx other than 503 with Retry-After."""
+"""Rolling restarts behind a real load balancer lose nothing (docs/protocol.md §6.7): three
+`reinitd serve` replicas behind HAProxy (health-checking /readyz), hundreds of agents holding
+wait=true streams and reconnecting, claims made from SQL throughout, each replica SIGTERMed and
+started again in turn. Every claim reaches its agent, and no agent sees a 5xx other than 503
+with Retry-After."""
 
 from __future__ import annotations
 
