@@ -42,6 +42,9 @@ PRUNE_CHUNK: Final = 10000
 PRUNE_EVERY: Final = 3600.0
 FIRST_PRUNE: Final = 60.0
 
+# A receipt waiting to be written: workspace, agent, build, kind, path, when (monotonic).
+Pending = tuple[uuid.UUID, uuid.UUID, uuid.UUID | None, str, str, float]
+
 _REPORTS = {o: metrics.PRESENCE_REPORTS.labels(o) for o in metrics.PRESENCE_REPORT_OUTCOMES}
 _RECEIPTS = {o: metrics.RECEIPTS.labels(o) for o in metrics.RECEIPT_OUTCOMES}
 
@@ -78,9 +81,9 @@ class Presence:
         self._full = True  # the next report is everything held (the first one is)
         self._reported = -float("inf")
         self._next_prune = time.monotonic() + FIRST_PRUNE
-        self._receipts: collections.deque[tuple[Ticket, uuid.UUID | None, str, str, float]] = (
-            collections.deque()
-        )
+        # Receipts waiting for the database: ids and the write's monotonic time, no reference
+        # to the request (a long outage must not keep 100 000 finished requests alive).
+        self._receipts: collections.deque[Pending] = collections.deque()
         self._failures = LogThrottle()
 
     def __len__(self) -> int:
@@ -116,7 +119,11 @@ class Presence:
             _RECEIPTS["dropped"].inc()
             if (suppressed := self._failures.allow("receipts_dropped")) is not None:
                 log.error("receipts_dropped", limit=self.receipt_limit, suppressed=suppressed)
-        self._receipts.append((ticket, build_id, kind, path, time.monotonic()))
+        sub = ticket.subscription
+        assert sub is not None
+        assert ticket.agent_id is not None
+        at = time.monotonic()
+        self._receipts.append((sub.workspace_id, ticket.agent_id, build_id, kind, path, at))
         metrics.RECEIPTS_PENDING.set(len(self._receipts))
 
     def reassert(self) -> None:
@@ -198,12 +205,9 @@ class Presence:
             _RECEIPTS["written"].inc(len(receipts))
 
     @staticmethod
-    def _receipt(item: tuple[Ticket, uuid.UUID | None, str, str, float], now: float) -> Receipt:
-        ticket, build_id, kind, path, at = item
-        sub = ticket.subscription
-        assert sub is not None
-        assert ticket.agent_id is not None
-        return Receipt(sub.workspace_id, ticket.agent_id, build_id, kind, path, now - at)
+    def _receipt(item: Pending, now: float) -> Receipt:
+        workspace_id, agent_id, build_id, kind, path, at = item
+        return Receipt(workspace_id, agent_id, build_id, kind, path, now - at)
 
     async def _prune(self) -> None:
         total = 0
