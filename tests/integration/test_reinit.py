@@ -127,9 +127,12 @@ async def test_legacy_request_never_gets_409(client: Client, sql: Sql) -> None:
 
 
 async def test_legacy_request_is_not_preseeded(client: Client, sql: Sql) -> None:
-    """Without wait, a past claim is not delivered: the next frame is a later NOTIFY."""
+    """Without wait, a past claim is not delivered: the next frame is a later NOTIFY. (A claim
+    whose NOTIFY is still on its way when the stream registers is live news to it, as in Coder's
+    pubsub: so the claim's doorbell is heard first.)"""
     agent = await sql.prebuild()
     await sql.claim(agent.workspace_id, await sql.user())
+    await notifies_applied(client)
     stream = await open_stream(client, agent.token, wait=False)
     await assert_no_more_events(client, stream, agent.workspace_id)
 
@@ -399,6 +402,7 @@ async def test_dba_notify_from_psql_reannounces_a_real_claim(
     agent = await sql.prebuild()
     owner = await sql.user()
     await sql.claim(agent.workspace_id, owner)
+    await notifies_applied(client)  # the claim's own NOTIFY is not the one under test
     stream = await open_stream(client, agent.token, wait=False)
     await asyncio.to_thread(
         postgres.psql, f"NOTIFY prebuild_claimed, '{agent.workspace_id}';", "reinitd"
