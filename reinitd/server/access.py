@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import structlog
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
@@ -31,4 +33,6 @@ class AccessLogger(AbstractAccessLogger):
 
     @property
     def enabled(self) -> bool:
-        return True
+        """Whether lines at info are logged at all (aiohttp asks once per connection): at
+        `--log-level warning` a request does not even gather its access line's fields."""
+        return logging.getLogger().isEnabledFor(logging.INFO)

@@ -8,6 +8,7 @@ import re
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from prometheus_client import Counter
 
 from reinitd.errors import ApiError
 from reinitd.server import database, metrics
@@ -92,5 +93,15 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
     """As headers go out (streams included): echo the request id, count reinit answers."""
     if REQUEST_ID in request:
         response.headers["X-Request-ID"] = request[REQUEST_ID]
+    count_response(request, response.status)
+
+
+_RESPONSES: dict[int, Counter] = {}
+
+
+def count_response(request: web.Request, status: int) -> None:
+    """Count an answer of the reinit endpoint (`reinitd_responses_total`)."""
     if request.match_info.route.name == "reinit":
-        metrics.RESPONSES.labels(str(response.status)).inc()
+        if (counter := _RESPONSES.get(status)) is None:
+            counter = _RESPONSES[status] = metrics.RESPONSES.labels(str(status))
+        counter.inc()

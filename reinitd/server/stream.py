@@ -165,17 +165,22 @@ class Stream(asyncio.Protocol):
             self._server.stream_closed()
 
 
-def take_over(request: web.BaseRequest, ticket: Ticket, write_timeout: float) -> bool:
-    """Take the connection of a stream whose headers are out away from aiohttp (which then
-    neither writes to it nor closes it when the request returns): the stream becomes the
-    transport's protocol and the owner of the ticket, and the subscription's items flow to it
-    from now on. False if the client is already gone."""
+def take_over(
+    request: web.BaseRequest, ticket: Ticket, write_timeout: float, *, head: bytes = b""
+) -> bool:
+    """Take the connection of a stream away from aiohttp (which then neither writes to it nor
+    closes it when the request returns): the stream writes `head` (unless aiohttp sent the
+    headers already) and becomes the transport's protocol and the owner of the ticket, and
+    the subscription's items flow to it from now on. False if the client is already gone or
+    the connection is not ours to take (the guard is off); then nothing was written."""
     protocol = request.protocol
     if not isinstance(protocol, GuardedHandler):
         return False  # aiohttp's own server (the guard is off): the stream stays in its request
     transport = protocol.let_go()
     if transport is None:
         return False
+    if head:
+        transport.write(head)
     chunked = request.version >= HttpVersion11
     stream = Stream(transport, ticket, protocol.server, write_timeout, chunked=chunked)
     transport.set_protocol(stream)

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import re
+import time
+from email.utils import parsedate_to_datetime
 
 import asyncpg
 import pytest
+from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_parser import HttpRequestParser
 
 from reinitd.server.connection import GuardedHandler, GuardedServer
@@ -89,3 +94,41 @@ async def test_each_library_runs_the_path_the_check_chose(
     )
     assert isinstance(runner.server, GuardedServer) == (internals_mode != "unguarded")
     assert getattr(runner.server, "streams_taken", 0) == (1 if fast else 0)
+
+
+@pytest.mark.parametrize("internals_mode", ["auto", "public", "unguarded"], indirect=True)
+async def test_a_streams_head_is_the_same_on_every_path(
+    make_server: ServerFactory, sql: Sql, internals_mode: str
+) -> None:
+    """The head a taken-over stream writes itself is the one aiohttp writes on the public
+    paths, header for header (the date is now's, the request id our own), and its chunked
+    body carries the claim."""
+    client = await make_server()
+    agent = await sql.prebuild()
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(
+        f"GET {REINIT}?wait=true HTTP/1.1\r\nHost: x\r\nX-Request-ID: mine\r\n"
+        f"Coder-Session-Token: {agent.token}\r\n\r\n".encode()
+    )
+    status, *lines = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).split(b"\r\n")
+    assert status == b"HTTP/1.1 200 OK"
+    headers = dict(line.decode().split(": ", 1) for line in lines if line)
+    date = parsedate_to_datetime(headers.pop("Date"))
+    assert abs(date.timestamp() - time.time()) < 5
+    assert re.fullmatch("[0-9a-f]{16}", headers.pop("X-Request-ID"))
+    assert headers == {
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+        "Transfer-Encoding": "chunked",
+        "Server": SERVER_SOFTWARE,
+        "Connection": "close",
+    }
+    owner = await sql.user()
+    await sql.claim(agent.workspace_id, owner)
+    size = int(await asyncio.wait_for(reader.readuntil(b"\r\n"), 5), 16)
+    frame = await reader.readexactly(size + 2)
+    event, data = frame.removesuffix(b"\n\n\r\n").split(b"\n")
+    assert event == b"event: data"
+    assert json.loads(data.removeprefix(b"data: ")) == claimed(agent.workspace_id, owner)
+    writer.close()
