@@ -66,10 +66,16 @@ class GcPacer:
     def install(self) -> None:
         gc.callbacks.append(self._on_gc)
 
-    def uninstall(self) -> None:
+    def uninstall(self, *, exiting: bool = False) -> None:
+        """Stop measuring pauses. `exiting`: the process ends next, so everything left is
+        frozen rather than unfrozen: the interpreter's last full collection at exit then has
+        nothing to scan (at 19 000 streams it cost 0.5 s of CPU, a third of the stop)."""
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
-        gc.unfreeze()
+        if exiting:
+            gc.freeze()
+        else:
+            gc.unfreeze()
 
     def freeze_survivors(self) -> None:
         """Collect everything, then freeze what survived: the pause is paid now, once. The

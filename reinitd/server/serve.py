@@ -93,7 +93,7 @@ async def run_server(settings: Settings, sock: socket.socket, stop: Stop) -> Non
     finally:
         started = time.monotonic()
         await runner.cleanup()
-        collector.uninstall()
+        collector.uninstall(exiting=True)  # the process ends next
         log.info("server_stopped", duration_s=round(time.monotonic() - started, 3))
 
 

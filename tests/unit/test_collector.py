@@ -74,6 +74,22 @@ def test_freezing_the_survivors_measures_the_pause() -> None:
         gc.unfreeze()
 
 
+def test_uninstalling_for_the_exit_freezes_everything_left() -> None:
+    """A process about to exit freezes what is left, so the interpreter's final collection
+    scans nothing; uninstalled otherwise (tests, a server that goes on), nothing stays
+    frozen."""
+    collector = GcPacer()
+    collector.install()
+    try:
+        collector.uninstall(exiting=True)
+        assert gc.get_freeze_count() > 0
+        collector.install()
+        collector.uninstall()
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+
+
 async def test_a_full_collection_is_followed_by_a_freeze(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
