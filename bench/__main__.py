@@ -32,6 +32,7 @@ SECTIONS = (
     "latency",
     "burst",
     "storm",
+    "lone",
     "forged",
     "flood",
     "compound",
@@ -139,6 +140,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.runs,
             )
         await repeat(
+            "lone",
+            f"lone connects: {args.lone} at {args.lone_rate:g}/s beside plain aiohttp",
+            lambda: bench.lone(args.lone, args.lone_rate),
+            args.runs,
+        )
+        await repeat(
             "forged",
             f"forged-NOTIFY flood at {args.latency_waiters} waiters",
             lambda: bench.forged(args.latency_waiters, 10.0, 20.0),
@@ -207,6 +214,8 @@ def main() -> None:
     add("--claims", type=int, default=1000, help="latency: claims made")
     add("--rate", type=float, default=200.0, help="latency: claims per second")
     add("--storm", type=int, default=10_000, help="storm: agents connecting at once")
+    add("--lone", type=int, default=300, help="lone: agents connecting one at a time")
+    add("--lone-rate", type=float, default=50.0, help="lone: connects per second")
     add("--flood", type=int, default=10_000, help="idle connections per flooding process (2)")
     add("--flood-streams", type=int, default=1000, help="streams open during the idle flood")
     add("--compound-flood", type=int, default=10_000, help="compound: heads sent at once")

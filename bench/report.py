@@ -217,6 +217,17 @@ def _scale(s: _Section) -> str:
     )
 
 
+def _lone(s: _Section) -> str:
+    return (
+        f"   Lone connects, {s.first('connects')} one at a time at {s.first('rate'):g}/s, "
+        f"connect to response head: p50 {s('p50_ms', '{:.2f}')} ms, p99 "
+        f"{s('p99_ms', '{:.2f}')} ms; plain aiohttp p50 {s('plain_p50_ms', '{:.2f}')} ms, p99 "
+        f"{s('plain_p99_ms', '{:.2f}')} ms; over plain at p50 "
+        f"{s('over_plain_p50_ms', '{:+.2f}')} ms, of which the database's round trip for "
+        f"admit_one is {s('database_p50_ms', '{:.2f}')} ms"
+    )
+
+
 def _baselines(out: Figures) -> list[str]:
     """reinitd's figure, the same run's baseline and the ratio, side by side (medians)."""
     rows: list[tuple[str, str, str, str]] = []
@@ -242,6 +253,16 @@ def _baselines(out: Figures) -> list[str]:
                 f"{s.median('memory_per_stream_ratio'):.2f}x",
             ),
         ]
+    if "lone" in out:
+        s = _Section(out["lone"])
+        rows.append(
+            (
+                "lone connect p50, ms",
+                f"{s.median('p50_ms'):.2f}",
+                f"{s.median('plain_p50_ms'):.2f} plain",
+                f"{s.median('over_plain_p50_ms'):+.2f} ms",
+            )
+        )
     if "latency" in out:
         s = _Section(out["latency"])
         rows.append(
@@ -297,6 +318,7 @@ def _sizing(out: Figures) -> list[str]:
 _LINES = {
     "latency": _latency,
     "burst": _burst,
+    "lone": _lone,
     "forged": _forged,
     "flood": _flood,
     "compound": _compound,
@@ -315,7 +337,7 @@ def report(out: Figures) -> str:
             lines.append(_LINES[key](_Section(out[key])))
     for key in sorted(k for k in out if k.startswith("storm_w")):
         lines.append(_storm(_Section(out[key])))
-    for key in ("forged", "flood", "compound"):
+    for key in ("lone", "forged", "flood", "compound"):
         if key in out:
             lines.append(_LINES[key](_Section(out[key])))
     if "naive" in out:

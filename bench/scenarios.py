@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import re
 import resource
@@ -45,6 +46,8 @@ from bench.measure import (
     tree,
 )
 from reinitd.server.embedded import SERVER_ROLE
+from reinitd.server.query import QUERIES
+from reinitd.wire import REINIT_PATH
 from tests.compound import stall_under_flood
 from tests.support import ServerProcess, login_role
 
@@ -154,6 +157,27 @@ def _stop_figures(lines: list[bytes]) -> dict[str, Any]:
         "stop_log_lines": len(lines),
         "stop_log_top_events": top_events(lines),
     }
+
+
+async def _paced_connects(url: str, agents: Agents, rate: float) -> list[float]:
+    """Each agent in turn opens a new connection and asks for its stream (`wait=true`), one
+    every 1/`rate` s: seconds from the connect to the whole response head."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    heads = []
+    for token, _ in agents:
+        started = time.perf_counter()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"GET {REINIT_PATH}?wait=true HTTP/1.1\r\nHost: {host}\r\n"
+            f"Coder-Session-Token: {token}\r\n\r\n".encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        heads.append(time.perf_counter() - started)
+        if not head.startswith(b"HTTP/1.1 200 "):
+            raise RuntimeError(f"lone connect refused: {head[:80]!r}")
+        writer.close()
+        await asyncio.sleep(max(0.0, started + 1 / rate - time.perf_counter()))
+    return heads
 
 
 async def _server_statements(conn: asyncpg.Connection, role: str) -> dict[str, float]:
@@ -344,6 +368,38 @@ class Scenarios:
             "memory_per_stream_ratio": ratio(
                 ours["memory_per_stream_kb"], base["memory_per_stream_kb"]
             ),
+        }
+
+    async def lone(self, n: int, rate: float) -> dict[str, Any]:
+        """`n` agents connect one at a time, `rate` per second (a read of one connect never
+        waits for company): connect to response head, p50 and p99, beside plain aiohttp's in
+        the same run, and the database's own round trip for the statement a lone connect
+        runs (`admit_one`, prepared, from the bench over loopback)."""
+        agents = self.agents[:n]
+        async with self.h.baseline("plain") as plain:
+            base = await _paced_connects(plain.url, agents, rate)
+        async with self.h.reinitd() as server:
+            ours = await _paced_connects(server.url, agents, rate)
+        conn = await self.h.db.connect()
+        try:
+            statement = await conn.prepare(QUERIES["admit_one"])
+            trips = []
+            for token, _ in agents:
+                digest = hashlib.sha256(token.lower().encode()).digest()
+                started = time.perf_counter()
+                await statement.fetch(digest)
+                trips.append(time.perf_counter() - started)
+        finally:
+            await conn.close()
+        return {
+            "connects": len(ours),
+            "rate": rate,
+            "p50_ms": 1000 * pct(ours, 0.5),
+            "p99_ms": 1000 * pct(ours, 0.99),
+            "plain_p50_ms": 1000 * pct(base, 0.5),
+            "plain_p99_ms": 1000 * pct(base, 0.99),
+            "database_p50_ms": 1000 * pct(trips, 0.5),
+            "over_plain_p50_ms": 1000 * (pct(ours, 0.5) - pct(base, 0.5)),
         }
 
     async def _crowd(
