@@ -224,7 +224,9 @@ def _lone(s: _Section) -> str:
         f"{s('p99_ms', '{:.2f}')} ms; plain aiohttp p50 {s('plain_p50_ms', '{:.2f}')} ms, p99 "
         f"{s('plain_p99_ms', '{:.2f}')} ms; over plain at p50 "
         f"{s('over_plain_p50_ms', '{:+.2f}')} ms, of which the database's round trip for "
-        f"admit_one is {s('database_p50_ms', '{:.2f}')} ms"
+        f"admit_one is {s('database_p50_ms', '{:.2f}')} ms; server CPU per connect (idle "
+        f"upkeep included) {s('server_cpu_per_connect_ms', '{:.3f}')} ms, plain "
+        f"{s('plain_server_cpu_per_connect_ms', '{:.3f}')} ms"
     )
 
 

@@ -377,9 +377,13 @@ class Scenarios:
         runs (`admit_one`, prepared, from the bench over loopback)."""
         agents = self.agents[:n]
         async with self.h.baseline("plain") as plain:
+            plain_cpu = cpu_seconds(tree(plain.process.pid))
             base = await _paced_connects(plain.url, agents, rate)
+            plain_cpu = cpu_seconds(tree(plain.process.pid)) - plain_cpu
         async with self.h.reinitd() as server:
+            cpu = cpu_seconds(tree(server.process.pid))
             ours = await _paced_connects(server.url, agents, rate)
+            cpu = cpu_seconds(tree(server.process.pid)) - cpu
         conn = await self.h.db.connect()
         try:
             statement = await conn.prepare(QUERIES["admit_one"])
@@ -399,6 +403,9 @@ class Scenarios:
             "plain_p50_ms": 1000 * pct(base, 0.5),
             "plain_p99_ms": 1000 * pct(base, 0.99),
             "database_p50_ms": 1000 * pct(trips, 0.5),
+            # CPU over the paced run, so each process's idle upkeep is included
+            "server_cpu_per_connect_ms": 1000 * cpu / max(1, len(ours)),
+            "plain_server_cpu_per_connect_ms": 1000 * plain_cpu / max(1, len(base)),
             "over_plain_p50_ms": 1000 * (pct(ours, 0.5) - pct(base, 0.5)),
         }
 
