@@ -20,9 +20,9 @@ WHERE id = ANY($1::uuid[])
 SELECT reinitd.claim_prebuild($1, $2)
 
 -- settle --
--- After a run's claims and unclaims: reclaim dead rows, so that the next run does not race
--- autovacuum for the CPU.
-VACUUM (ANALYZE) reinitd.workspaces, reinitd.workspace_builds
+-- After a run's claims and unclaims: reclaim dead rows (presence's too: a stopped server's
+-- rows), so that the next run neither races autovacuum for the CPU nor inserts into bloat.
+VACUUM (ANALYZE) reinitd.workspaces, reinitd.workspace_builds, reinitd.presence, reinitd.replicas
 
 -- forge --
 -- Forged doorbells, each with a made-up owner (distinct payloads are not folded).

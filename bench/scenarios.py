@@ -200,6 +200,7 @@ class Scenarios:
         self.h = harness
         self.agents = agents
         self.owner = owner
+        self.presence_storms = 0
 
     async def claim_paced(self, targets: Agents, rate: float) -> dict[str, float]:
         """Claim each target's workspace over one connection, `rate` claims per second;
@@ -762,7 +763,8 @@ class Scenarios:
 
     async def presence_storm(self, n: int, claimed_share: float = 0.1) -> dict[str, Any]:
         """The storm of `storm` (`n` agents at once, 10 % already claimed, one worker) with
-        presence off, then on, beside plain aiohttp, in the same run; with each, the
+        presence off and on (in turn first: neither always meets the database as the other
+        left it), beside plain aiohttp, in the same run; with each, the
         statements the server ran (pg_stat_statements: the storm and the presence reports
         that followed it, until every stream is in reinitd.agent_presence, the agents still
         connected) and the rows presence wrote."""
@@ -770,7 +772,8 @@ class Scenarios:
         async with self.h.baseline("plain") as plain:
             base = await self._crowd(plain, agents, claimed=0, reinitd=False)
         out: dict[str, Any] = {"agents": n}
-        for mode in ("off", "on"):
+        self.presence_storms += 1
+        for mode in ("off", "on") if self.presence_storms % 2 else ("on", "off"):
             claimed = agents[: int(n * claimed_share)]
             await self.h.db.sql("claim_many", [uuid.UUID(w) for _, w in claimed], self.owner)
             conn = await self.h.db.connect()

@@ -363,7 +363,7 @@ async def test_a_killed_replica_leaves_and_a_stopped_one_leaves_at_once(
     database_url: str, tmp_path: Path, sql: Sql, conn: asyncpg.Connection
 ) -> None:
     """`serve` killed with SIGKILL: its rows leave agent_presence once its TTL runs out (here
-    3 s); stopped with SIGTERM: at once."""
+    3 s); stopped with SIGTERM: at once, from the table as well."""
     killed_agent, stopped_agent = await sql.prebuild(), await sql.prebuild()
     async with (
         server_process(database_url, tmp_path, "--presence-ttl", "3") as killed,
@@ -384,6 +384,9 @@ async def test_a_killed_replica_leaves_and_a_stopped_one_leaves_at_once(
         stopped.process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(stopped.process.wait(), 15)
         assert await presence_of(conn, stopped_agent.agent_id)() == []
+        # gone from the table too, not only from the view (no foreign key cascades them)
+        leftover = "SELECT count(*) FROM reinitd.presence WHERE agent_id = $1"
+        assert await conn.fetchval(leftover, stopped_agent.agent_id) == 0
         for response in held:
             response.close()
 
