@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import os
 import secrets
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Final
 
 import structlog
 
+from reinitd.backoff import backoff_delay
 from reinitd.server import metrics
 from reinitd.server.database import classify, describe
 from reinitd.server.store import Present, Receipt, Store
@@ -40,6 +42,9 @@ RECEIPT_CHUNK: Final = 5000
 PRUNE_CHUNK: Final = 10000
 # How often old receipts are pruned (the first time a minute after the start).
 PRUNE_EVERY: Final = 3600.0
+# Failed flushes back off up to this (a report after a failure is a whole snapshot: 19 000
+# rows built for every attempt, at a full process, if it were every `interval`).
+RETRY_CEILING: Final = 5.0
 FIRST_PRUNE: Final = 60.0
 
 # A receipt waiting to be written: workspace, agent, build, kind, path, when (monotonic).
@@ -85,6 +90,7 @@ class Presence:
         # to the request (a long outage must not keep 100 000 finished requests alive).
         self._receipts: collections.deque[Pending] = collections.deque()
         self._failures = LogThrottle()
+        self._now = asyncio.Event()  # `reassert`: flush at once, whatever the back-off
 
     def __len__(self) -> int:
         """Requests waiting here now."""
@@ -127,29 +133,47 @@ class Presence:
         metrics.RECEIPTS_PENDING.set(len(self._receipts))
 
     def reassert(self) -> None:
-        """Send everything held with the next report (after a listener reconnect: the database
-        may be another one, a promoted standby)."""
+        """Send everything held, now (after a listener reconnect: the database may be another
+        one, a promoted standby; and it answers again, so a back-off ends)."""
         self._full = True
+        self._now.set()
 
     # --- the database side: one task ----------------------------------------------------------
 
     async def run(self) -> None:
+        """Flush every `interval`; after failed flushes, back off (doubling, up to
+        RETRY_CEILING, jittered) until one succeeds or a listener (re)connect asks for a
+        report at once."""
+        failures = 0
         while True:
-            await asyncio.sleep(self.interval)
-            await self.flush()
+            delay = self.retry_delay(failures)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._now.wait()
+            self._now.clear()
+            failures = 0 if await self.flush() else failures + 1
 
-    async def flush(self) -> None:
+    def retry_delay(self, failures: int) -> float:
+        """How long to wait before the next flush, after `failures` failed ones in a row."""
+        if not failures:
+            return self.interval
+        return backoff_delay(failures + 1, self.interval, max(self.interval, RETRY_CEILING))
+
+    async def flush(self) -> bool:
         """Report what changed (or, when due, renew the replica), write the receipts, and
-        prune old receipts when it is time. Failures are logged and retried next time."""
-        await self._write_receipts()
+        prune old receipts when it is time. Failures are logged and retried next time; False
+        if a report or a receipt write failed."""
+        written = await self._write_receipts()
+        reported = True
         now = time.monotonic()
         if self._full or self._joined or self._left or now - self._reported >= self.ttl / 3:
-            await self._report()
+            reported = await self._report()
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_EVERY
             await self._prune()
+        return written and reported
 
-    async def _report(self) -> None:
+    async def _report(self) -> bool:
         full = self._full
         now = time.monotonic()
         tickets = self._live.items() if full else ((s, self._live[s]) for s in self._joined)
@@ -163,17 +187,17 @@ class Presence:
             self._full = True  # whatever this report held, the next one holds all of it
             _REPORTS["failed"].inc()
             self._failed("presence_report_failed", exc)
-            return
+            return False
         self._reported = now
         if known:
             _REPORTS["reasserted" if full else "ok"].inc()
             if full:
                 log.info("presence_reported", replica=self.replica, requests=len(present))
-            return
+            return True
         # The database lost this replica's rows: tell it everything, now.
         log.warning("presence_lost", replica=self.replica, requests=len(self._live))
         self._full = True
-        await self._report()
+        return await self._report()
 
     @staticmethod
     def _present(seq: int, ticket: Ticket, now: float) -> Present:
@@ -184,7 +208,7 @@ class Presence:
             seq, ticket.agent_id, sub.workspace_id, ticket.mode, sub.wait, now - ticket.opened_at
         )
 
-    async def _write_receipts(self) -> None:
+    async def _write_receipts(self) -> bool:
         while self._receipts:
             now = time.monotonic()
             batch = [
@@ -199,10 +223,11 @@ class Presence:
                 self._receipts.extendleft(reversed(batch))
                 self._full = True
                 self._failed("receipts_write_failed", exc, pending=len(self._receipts))
-                return
+                return False
             finally:
                 metrics.RECEIPTS_PENDING.set(len(self._receipts))
             _RECEIPTS["written"].inc(len(receipts))
+        return True
 
     @staticmethod
     def _receipt(item: Pending, now: float) -> Receipt:

@@ -3,14 +3,19 @@ database that lost us, bounded while the database is away (docs/protocol.md §8)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import random
 import uuid
+
+import pytest
 
 from reinitd.server.admission import Admission, Ticket
 from reinitd.server.hub import Delivery, Hub
 from reinitd.server.memstore import MemoryStore
-from reinitd.server.presence import Presence
+from reinitd.server.presence import RETRY_CEILING, Presence
 from reinitd.wire import ReinitEvent
-from tests.support import sample
+from tests.support import sample, until
 
 REPLICA = "host:1:abcd"
 
@@ -149,3 +154,42 @@ async def test_close_writes_receipts_and_retires_the_replica() -> None:
     await presence.close(within=1)
     assert REPLICA not in store.presence
     assert len(store.receipts) == 1
+
+
+async def test_failed_flushes_back_off_until_one_succeeds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the database is away, a flush fails (and says so) and the next waits longer each
+    time, doubling up to RETRY_CEILING (jittered down to half); the first flush that succeeds
+    ends the back-off."""
+    store, hub = MemoryStore(), Hub()
+    presence = Presence(store, REPLICA, interval=0.5)
+    waiting(presence, hub)
+    store.fail = ConnectionRefusedError("away")
+    assert await presence.flush() is False
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)  # the longest
+    assert [presence.retry_delay(n) for n in range(6)] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+    assert RETRY_CEILING == 5.0
+    monkeypatch.setattr(random, "uniform", lambda low, high: low)  # the shortest
+    assert presence.retry_delay(1) == 0.5
+    store.fail = None
+    assert await presence.flush() is True
+
+
+async def test_a_listener_reconnect_ends_a_back_off_at_once() -> None:
+    """However long the wait before the next flush, `reassert` (a listener reconnect: the
+    database answers again) makes the full report now."""
+    store, hub = MemoryStore(), Hub()
+    presence = Presence(store, REPLICA, interval=3600.0)
+    waiting(presence, hub)
+    task = asyncio.create_task(presence.run())
+    try:
+        await asyncio.sleep(0)  # the task waits out its interval
+        assert store.calls["report_presence"] == 0
+        presence.reassert()
+        await until(lambda: store.calls["report_presence"] == 1, what="the report, at once")
+        assert len(store.presence[REPLICA]) == 1
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
