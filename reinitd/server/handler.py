@@ -70,16 +70,20 @@ def sse_head(request_id: str) -> bytes:
 
 class _TakenOver(web.StreamResponse):
     """What a stream's request returns once its connection is taken over with its head
-    written: aiohttp has nothing left to prepare or end, only the access line to log."""
+    written. aiohttp has nothing to prepare; ending the response says the connection is no
+    longer aiohttp's (ConnectionResetError, as its own writer says of a given-away transport),
+    so aiohttp logs the access line and stops serving the connection at once: no lingering
+    over a request body, no keep-alive. One instance for every stream: nothing writes to it."""
 
     async def prepare(self, request: web.BaseRequest) -> None:
         return None
 
     async def write_eof(self, data: bytes = b"") -> None:
-        return None
+        raise ConnectionResetError("the connection was taken over by its stream")
 
 
 TAKEN_OVER = _TakenOver()
+TAKEN_OVER.force_close()
 
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 

@@ -29,7 +29,10 @@ takeover (`give_away`, used by `GuardedHandler.let_go`, `reinitd.server.stream.t
     in connection_lost, which a given-away connection never reaches), `Server._connections`
     forgetting the connection, and `StreamWriter.write_eof` writing nothing once the protocol's
     transport is None (it raises ConnectionResetError, which aiohttp's finish_response takes as
-    a client gone): the request then returns without touching the stream's connection.
+    a client gone): the request then returns without touching the stream's connection. (An
+    HTTP/1.1 stream writes its head itself and returns `handler.TAKEN_OVER`, whose `write_eof`
+    raises the same ConnectionResetError: aiohttp then stops serving the connection at once,
+    exactly as after the writer's.)
     Fallback: the handler task stays waiting on the subscription and writes each frame with
     the public `StreamResponse.write` (`reinitd.server.stream.stay`): the same bytes, pings,
     end and error frames, write timeouts and shutdown, at the memory of a live request.

@@ -42,7 +42,7 @@ RECEIPT_CHUNK: Final = 5000
 PRUNE_CHUNK: Final = 10000
 # How often old receipts are pruned (the first time a minute after the start).
 PRUNE_EVERY: Final = 3600.0
-# Failed flushes back off up to this (a report after a failure is a whole snapshot: 19 000
+# Failed reports back off up to this (a report after a failure is a whole snapshot: 19 000
 # rows built for every attempt, at a full process, if it were every `interval`).
 RETRY_CEILING: Final = 5.0
 FIRST_PRUNE: Final = 60.0
@@ -141,9 +141,9 @@ class Presence:
     # --- the database side: one task ----------------------------------------------------------
 
     async def run(self) -> None:
-        """Flush every `interval`; after failed flushes, back off (doubling, up to
-        RETRY_CEILING, jittered) until one succeeds or a listener (re)connect asks for a
-        report at once."""
+        """Flush every `interval`; after failed reports, back off (doubling, up to
+        RETRY_CEILING or a third of the TTL, jittered) until one succeeds or a listener
+        (re)connect asks for a report at once."""
         failures = 0
         while True:
             delay = self.retry_delay(failures)
@@ -154,16 +154,20 @@ class Presence:
             failures = 0 if await self.flush() else failures + 1
 
     def retry_delay(self, failures: int) -> float:
-        """How long to wait before the next flush, after `failures` failed ones in a row."""
+        """How long to wait before the next flush, after `failures` failed reports in a row;
+        never over a third of the TTL, so that a back-off alone never lets the replica
+        expire."""
         if not failures:
             return self.interval
-        return backoff_delay(failures + 1, self.interval, max(self.interval, RETRY_CEILING))
+        ceiling = max(self.interval, min(RETRY_CEILING, self.ttl / 3))
+        return backoff_delay(failures + 1, self.interval, ceiling)
 
     async def flush(self) -> bool:
         """Report what changed (or, when due, renew the replica), write the receipts, and
         prune old receipts when it is time. Failures are logged and retried next time; False
-        if a report or a receipt write failed."""
-        written = await self._write_receipts()
+        if the report failed (a failed receipt write alone does not slow the reports: its
+        failure makes the next report a full one, which an outage fails too)."""
+        await self._write_receipts()
         reported = True
         now = time.monotonic()
         if self._full or self._joined or self._left or now - self._reported >= self.ttl / 3:
@@ -171,7 +175,7 @@ class Presence:
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_EVERY
             await self._prune()
-        return written and reported
+        return reported
 
     async def _report(self) -> bool:
         full = self._full
@@ -208,7 +212,7 @@ class Presence:
             seq, ticket.agent_id, sub.workspace_id, ticket.mode, sub.wait, now - ticket.opened_at
         )
 
-    async def _write_receipts(self) -> bool:
+    async def _write_receipts(self) -> None:
         while self._receipts:
             now = time.monotonic()
             batch = [
@@ -223,11 +227,10 @@ class Presence:
                 self._receipts.extendleft(reversed(batch))
                 self._full = True
                 self._failed("receipts_write_failed", exc, pending=len(self._receipts))
-                return False
+                return
             finally:
                 metrics.RECEIPTS_PENDING.set(len(self._receipts))
             _RECEIPTS["written"].inc(len(receipts))
-        return True
 
     @staticmethod
     def _receipt(item: Pending, now: float) -> Receipt:

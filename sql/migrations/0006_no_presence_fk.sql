@@ -9,11 +9,15 @@
 
 ALTER TABLE reinitd.presence DROP CONSTRAINT presence_replica_fkey;
 
+-- The replica first, then its rows, as the clean-up below does (one lock order, no deadlock
+-- between them). The replica's delete waits for a report of its own still running (the row
+-- is locked by it); the rows' delete is a new statement with a new snapshot, so it sees and
+-- takes that report's rows too: none is left behind.
 CREATE OR REPLACE FUNCTION reinitd.retire_replica(p_replica text) RETURNS void
     LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     AS $$
-        DELETE FROM reinitd.presence WHERE replica = p_replica;
         DELETE FROM reinitd.replicas WHERE replica = p_replica;
+        DELETE FROM reinitd.presence WHERE replica = p_replica;
     $$;
 
 CREATE OR REPLACE FUNCTION reinitd.report_presence(

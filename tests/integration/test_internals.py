@@ -70,6 +70,38 @@ async def test_a_taken_over_stream_leaves_no_cycle_and_no_parser_behind(
         gc.enable()
 
 
+async def test_a_stream_whose_request_body_never_ends_is_let_go_at_once(
+    make_server: ServerFactory, sql: Sql
+) -> None:
+    """A GET that announces a body and sends only part of it still gets its stream, and
+    aiohttp lets the connection go when the stream takes it (it does not linger waiting for
+    the rest of the body, holding the request's handler meanwhile)."""
+    client = await make_server()
+    agent = await sql.prebuild()
+    gc.collect()
+    gc.disable()
+    try:
+        handlers = alive(GuardedHandler)
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(
+            f"GET {REINIT}?wait=true HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            f"Coder-Session-Token: {agent.token}\r\n\r\nonly a part".encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        await until(
+            lambda: alive(GuardedHandler) == handlers,
+            timeout=3,  # aiohttp's lingering would hold it for 10 s
+            what="the request's handler let go at once",
+        )
+        owner = await sql.user()
+        await sql.claim(agent.workspace_id, owner)
+        assert b"event: data" in await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+        writer.close()
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("internals_mode", ["auto", "public", "unguarded"], indirect=True)
 async def test_each_library_runs_the_path_the_check_chose(
     make_server: ServerFactory, sql: Sql, internals_mode: str

@@ -28,7 +28,7 @@ RELEASED = {
     "0003_doorbell.sql": "2c79fb8d3e9e48e4719a829fa710bdf4052875a90a25c913202c23f5a10c613a",
     "0004_claim_state.sql": "ef859997235c3ee412b2a9a08fc113ce75aeae911b5d2619a9b01a8189fcdb7f",
     "0005_presence.sql": "8ed809b907ec1b74913c6d33499226181b3603ac8d2d440b326924da94cccf72",
-    "0006_no_presence_fk.sql": "ac3213c2c7a7b2c010fb5de82a806a3112d57523f093ca04a74df52848578d2f",
+    "0006_no_presence_fk.sql": "ad079befcb30bbd795e0339aa0e2767ff73cd9c8ab2b91d4d097bfea59179db7",
 }
 
 _CODE = re.compile(r"`([^`]+)`")

@@ -160,8 +160,8 @@ async def test_failed_flushes_back_off_until_one_succeeds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """While the database is away, a flush fails (and says so) and the next waits longer each
-    time, doubling up to RETRY_CEILING (jittered down to half); the first flush that succeeds
-    ends the back-off."""
+    time, doubling up to RETRY_CEILING or a third of the TTL (jittered down to half); the
+    first flush that succeeds ends the back-off."""
     store, hub = MemoryStore(), Hub()
     presence = Presence(store, REPLICA, interval=0.5)
     waiting(presence, hub)
@@ -172,6 +172,9 @@ async def test_failed_flushes_back_off_until_one_succeeds(
     assert RETRY_CEILING == 5.0
     monkeypatch.setattr(random, "uniform", lambda low, high: low)  # the shortest
     assert presence.retry_delay(1) == 0.5
+    # never long enough for a back-off alone to let the replica expire
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    assert Presence(store, REPLICA, interval=0.5, ttl=3.0).retry_delay(10) == 1.0
     store.fail = None
     assert await presence.flush() is True
 
