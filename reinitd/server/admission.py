@@ -68,7 +68,18 @@ class Ticket:
         log.info("agent_waiting", wait=self.subscription.wait, mode=mode)
 
     def delivered(self, delivery: Delivery) -> None:
-        """A claim was written to this request's agent (a stream frame, a long-poll's answer)."""
+        """A claim was written to this request's agent (a stream frame, a long-poll's answer):
+        counted, logged and receipted."""
+        sub = self.subscription
+        assert sub is not None
+        sub.delivered += 1
+        log.info(
+            "reinit_delivered",
+            path=delivery.source,
+            owner_id=str(delivery.event.owner_id),
+            workspace_id=str(delivery.event.workspace_id),
+            request_id=self.request_id,
+        )
         _DELIVERED_BY_PATH[delivery.source].inc()
         if delivery.received_at:
             metrics.NOTIFY_TO_WRITE_SECONDS.observe(time.monotonic() - delivery.received_at)
@@ -134,6 +145,8 @@ class Reads:
         return await answer
 
     def _start(self) -> None:
+        # A client that hung up while it waited for a read has nothing left to read for.
+        self._waiting = [item for item in self._waiting if not item[1].done()]
         while self._waiting and len(self._reading) < self.concurrency:
             batch, self._waiting = self._waiting[: self.limit], self._waiting[self.limit :]
             task = asyncio.create_task(self._read(batch), name="reinitd-connect-read")

@@ -476,7 +476,7 @@ class GuardedServer(web.Server):
         was never answered (silent, or trickling a head); else the head that waited longest at
         the gate (answered 503); else the connection kept alive the longest. With none of them
         (every other connection is a stream or a request in flight), shed the newcomer: which
-        may be a probe, so the stream cap keeps room for them (`fit`)."""
+        may be a probe, so the stream cap keeps room for them (`budgeted`)."""
         oldest = next(iter(self._idle))
         if oldest is not newcomer:
             self._idle.pop(oldest)

@@ -10,7 +10,6 @@ import time
 from email.utils import formatdate
 from importlib import resources
 
-import structlog
 from aiohttp import HttpVersion11, web
 from aiohttp.http import SERVER_SOFTWARE
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -24,8 +23,6 @@ from reinitd.server.keys import ADMISSION, INTERNALS, READINESS, REQUEST_ID, SET
 from reinitd.server.middleware import count_response
 from reinitd.server.stream import stay, take_over
 from reinitd.wire import TOKEN_HEADER, TOKEN_PARAM, is_token
-
-log = structlog.get_logger("reinitd.server.handler")
 
 MAX_POLL_TIMEOUT = 300.0
 DEFAULT_POLL_TIMEOUT = 30.0
@@ -171,12 +168,8 @@ async def _long_poll(ticket: Ticket, seconds: float) -> web.Response:
             while True:
                 item = await sub.next()
                 if isinstance(item, Delivery):
-                    sub.delivered += 1
                     sub.ended_by = "delivered"
                     ticket.delivered(item)
-                    log.info(
-                        "reinit_delivered", path=item.source, owner_id=str(item.event.owner_id)
-                    )
                     return web.Response(text=item.event.to_json(), content_type="application/json")
                 if isinstance(item, End):
                     sub.ended_by = item.why

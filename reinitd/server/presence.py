@@ -86,6 +86,7 @@ class Presence:
         self._full = True  # the next report is everything held (the first one is)
         self._reported = -float("inf")
         self._next_prune = time.monotonic() + FIRST_PRUNE
+        self._pruned = 0  # receipts deleted by the prune run under way
         # Receipts waiting for the database: ids and the write's monotonic time, no reference
         # to the request (a long outage must not keep 100 000 finished requests alive).
         self._receipts: collections.deque[Pending] = collections.deque()
@@ -228,6 +229,9 @@ class Presence:
                 self._full = True
                 self._failed("receipts_write_failed", exc, pending=len(self._receipts))
                 return
+            except BaseException:  # cancelled mid-write (a stop): kept for `close`
+                self._receipts.extendleft(reversed(batch))
+                raise
             finally:
                 metrics.RECEIPTS_PENDING.set(len(self._receipts))
             _RECEIPTS["written"].inc(len(receipts))
@@ -238,16 +242,20 @@ class Presence:
         return Receipt(workspace_id, agent_id, build_id, kind, path, now - at)
 
     async def _prune(self) -> None:
-        total = 0
+        """One chunk of old receipts per flush, so that a long backlog (a retention just
+        shortened) never holds the reports back past the TTL: a full chunk makes the next
+        flush go on. The run is logged once, when it is done."""
         try:
-            while (gone := await self._store.prune_deliveries(self.retention, PRUNE_CHUNK)) > 0:
-                total += gone
-                if gone < PRUNE_CHUNK:
-                    break
+            gone = await self._store.prune_deliveries(self.retention, PRUNE_CHUNK)
         except Exception as exc:
             self._failed("receipts_prune_failed", exc)
-        if total:
-            log.info("receipts_pruned", receipts=total, retention_s=self.retention)
+            return
+        self._pruned += gone
+        if gone >= PRUNE_CHUNK:
+            self._next_prune = time.monotonic()
+        elif self._pruned:
+            log.info("receipts_pruned", receipts=self._pruned, retention_s=self.retention)
+            self._pruned = 0
 
     def _failed(self, event: str, exc: Exception, **fields: object) -> None:
         """One line per kind of failure per interval: a warning for an outage (the next

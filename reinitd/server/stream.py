@@ -89,17 +89,7 @@ class Stream(asyncio.Protocol):
     def deliver(self, delivery: Delivery) -> None:
         if not self._write(delivery.event.frame()):
             return  # the connection is closing: the claim is not delivered here
-        sub = self._ticket.subscription
-        assert sub is not None
-        sub.delivered += 1
         self._ticket.delivered(delivery)
-        log.info(
-            "reinit_delivered",
-            path=delivery.source,
-            owner_id=str(delivery.event.owner_id),
-            workspace_id=str(delivery.event.workspace_id),
-            request_id=self._ticket.request_id,
-        )
 
     def ping(self) -> None:
         transport = self._transport
@@ -218,15 +208,7 @@ async def stay(
         if not await _send(request, response, ticket, frame, write_timeout):
             return
         if isinstance(item, Delivery):
-            sub.delivered += 1
             ticket.delivered(item)
-            log.info(
-                "reinit_delivered",
-                path=item.source,
-                owner_id=str(item.event.owner_id),
-                workspace_id=str(item.event.workspace_id),
-                request_id=ticket.request_id,
-            )
 
 
 async def _send(

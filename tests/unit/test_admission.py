@@ -179,3 +179,26 @@ async def test_a_connect_that_leaves_its_batch_does_not_disturb_the_others() -> 
     failing = [asyncio.create_task(reads.read(d)) for d in digests]
     results = await asyncio.gather(*failing, return_exceptions=True)
     assert all(isinstance(r, ConnectionResetError) for r in results)
+
+
+async def test_a_connect_that_hangs_up_before_its_read_starts_is_not_read() -> None:
+    """Connects waiting for a read and gone before it starts (a storm that hangs up) cost the
+    database nothing: the next read leaves them out, and with nobody left there is none."""
+    store = MemoryStore()
+    tokens = [str(uuid.uuid4()) for _ in range(3)]
+    for token in tokens:
+        store.add_agent(token)
+    reads = Reads(store, concurrency=1)
+    digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
+    store.hold = asyncio.Event()
+    blocker = asyncio.create_task(reads.read(digests[0]))
+    await asyncio.wait_for(store.reading.wait(), 1)
+    gone = [asyncio.create_task(reads.read(d)) for d in digests[1:]]
+    await asyncio.sleep(0)  # both wait for the read in flight
+    for task in gone:
+        task.cancel()
+    store.hold.set()
+    assert await asyncio.wait_for(blocker, 1) is not None
+    await asyncio.gather(*gone, return_exceptions=True)
+    assert store.calls["admit_many"] == 1
+    assert reads._waiting == []

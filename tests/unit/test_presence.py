@@ -7,13 +7,15 @@ import asyncio
 import contextlib
 import random
 import uuid
+from collections.abc import Sequence
 
 import pytest
 
 from reinitd.server.admission import Admission, Ticket
 from reinitd.server.hub import Delivery, Hub
 from reinitd.server.memstore import MemoryStore
-from reinitd.server.presence import RETRY_CEILING, Presence
+from reinitd.server.presence import PRUNE_CHUNK, RETRY_CEILING, Presence
+from reinitd.server.store import Receipt
 from reinitd.wire import ReinitEvent
 from tests.support import sample, until
 
@@ -196,3 +198,53 @@ async def test_a_listener_reconnect_ends_a_back_off_at_once() -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+class SlowStore(MemoryStore):
+    """Receipt writes that wait for `release`; prunes that delete what `pruned` says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.writing = asyncio.Event()
+        self.pruned: list[int] = []
+
+    async def record_deliveries(self, replica: str, receipts: Sequence[Receipt]) -> None:
+        self.writing.set()
+        await self.release.wait()
+        await super().record_deliveries(replica, receipts)
+
+    async def prune_deliveries(self, keep: float, limit: int) -> int:
+        await super().prune_deliveries(keep, limit)
+        return self.pruned.pop(0) if self.pruned else 0
+
+
+async def test_receipts_of_a_write_cancelled_midway_are_kept() -> None:
+    """A stop that cancels the presence task during a receipt write loses none of them: they
+    are still pending, for the last write of `close`."""
+    store, hub = SlowStore(), Hub()
+    presence = Presence(store, REPLICA)
+    ticket = waiting(presence, hub)
+    presence.receipt(ticket, uuid.uuid4(), "event", "notify")
+    flushing = asyncio.create_task(presence.flush())
+    await asyncio.wait_for(store.writing.wait(), 1)
+    assert presence.pending_receipts == 0  # taken for the write
+    flushing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flushing
+    assert presence.pending_receipts == 1
+
+
+async def test_a_long_prune_goes_one_chunk_per_flush() -> None:
+    """Old receipts are deleted a chunk per flush while chunks come back full, so that the
+    reports between them are never held back; a short chunk ends the run."""
+    store, hub = SlowStore(), Hub()
+    store.release.set()
+    store.pruned = [PRUNE_CHUNK, PRUNE_CHUNK, 3]
+    presence = Presence(store, REPLICA)
+    presence._next_prune = 0.0  # due now
+    for flushes, prunes in enumerate((1, 2, 3, 3), start=1):
+        waiting(presence, hub)  # something to report each time
+        await presence.flush()
+        assert store.calls["prune_deliveries"] == prunes
+        assert store.calls["report_presence"] == flushes  # a report beside every chunk
