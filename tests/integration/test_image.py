@@ -173,8 +173,9 @@ async def test_image_serves_claims_read_only_as_non_root_and_stops_on_sigterm(
         assert (code, uid.strip()) == (0, "10001")
         _, status, _ = await _podman(podman, "exec", name, "cat", "/proc/1/status")
         print(f"server at rest: {[line for line in status.splitlines() if 'VmRSS' in line]}")
-        code, _, _ = await _podman(podman, "exec", name, "python3", "-c", "open('/opt/x', 'w')")
-        assert code != 0  # the root filesystem is read-only
+        code, _, err = await _podman(podman, "exec", name, "python3", "-c", "open('/opt/x', 'w')")
+        assert code != 0
+        assert "Read-only file system" in err  # not merely a directory root owns (EACCES)
         response = await get_reinit(http, base, agent.token)
         assert response.status == 200
         stream = SseReader(response)

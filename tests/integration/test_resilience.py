@@ -501,6 +501,7 @@ async def test_a_query_postgresql_refuses_is_a_500_with_its_traceback_not_a_503(
     role = urllib.parse.urlsplit(url).username
     for grant in (
         "GRANT USAGE ON SCHEMA reinitd TO %I",
+        "GRANT EXECUTE ON FUNCTION reinitd.agent_by_token_hash(bytea) TO %I",
         "GRANT EXECUTE ON FUNCTION reinitd.agents_by_token_hashes(bytea[]) TO %I",
     ):
         await conn.execute(await conn.fetchval("SELECT format($1, $2::text)", grant, role))

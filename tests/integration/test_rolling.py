@@ -113,6 +113,7 @@ async def run_agent(
                     continue
                 if broken_at is not None:
                     tally.reconnects.append(time.monotonic() - broken_at)
+                    broken_at = None  # the next break is timed from its own start
                 tally.open.add(agent.workspace_id)
                 if len(tally.open) == AGENTS:
                     tally.all_open.set()

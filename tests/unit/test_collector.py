@@ -109,14 +109,14 @@ async def test_a_full_collection_is_followed_by_a_freeze(
             while not freezes:
                 await asyncio.sleep(0.01)
         monkeypatch.setattr(collector_module, "RESCAN", 0.0)
-        settled = mock.Mock()
-        monkeypatch.setattr(collector, "freeze_survivors", settled)
+        frozen = mock.Mock()
+        monkeypatch.setattr(collector, "freeze_survivors", frozen)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         task = asyncio.create_task(collector.run())
         async with asyncio.timeout(5):
-            while not settled.called:
+            while not frozen.called:
                 await asyncio.sleep(0.01)
     finally:
         task.cancel()

@@ -67,8 +67,8 @@ async def test_subscription_removed_on_every_exit() -> None:
 CLAIM = Deliver(ReinitEvent(WS, owner_id=OWNER))
 
 
-async def test_settle_dedupes_and_reaches_only_that_workspace() -> None:
-    """The same claim settled many times is queued once; other workspaces hear nothing."""
+async def test_apply_dedupes_and_reaches_only_that_workspace() -> None:
+    """The same claim applied many times is queued once; other workspaces hear nothing."""
     hub = Hub()
     other = uuid.uuid4()
     with hub.subscribe(WS, wait=True) as mine, hub.subscribe(other, wait=True) as theirs:

@@ -179,20 +179,45 @@ async def test_failed_flushes_back_off_until_one_succeeds(
     assert Presence(store, REPLICA, interval=0.5, ttl=3.0).retry_delay(10) == 1.0
     store.fail = None
     assert await presence.flush() is True
+    # The loop: each failure in a row asks for a longer wait; the first success ends it.
+    asked: list[int] = []
+
+    def record(failures: int) -> float:
+        asked.append(failures)
+        return 0.001
+
+    monkeypatch.setattr(presence, "retry_delay", record)
+    store.fail = ConnectionRefusedError("away")
+    presence.reassert()  # something to report
+    task = asyncio.create_task(presence.run())
+    try:
+        await until(lambda: len(asked) >= 4, what="three failed flushes")
+        store.fail = None
+        seen = len(asked)
+        await until(lambda: len(asked) > seen and asked[-1] == 0, what="a success")
+        failing = asked[: asked.index(0, 1)]
+        assert failing == list(range(len(failing)))  # 0 (the first wait), 1, 2, 3, ...
+        assert len(failing) >= 4
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def test_a_listener_reconnect_ends_a_back_off_at_once() -> None:
-    """However long the wait before the next flush, `reassert` (a listener reconnect: the
+    """However long the back-off after a failed report, `reassert` (a listener reconnect: the
     database answers again) makes the full report now."""
     store, hub = MemoryStore(), Hub()
-    presence = Presence(store, REPLICA, interval=3600.0)
+    presence = Presence(store, REPLICA, interval=3600.0)  # a back-off of up to an hour
     waiting(presence, hub)
+    store.fail = ConnectionRefusedError("away")
     task = asyncio.create_task(presence.run())
     try:
-        await asyncio.sleep(0)  # the task waits out its interval
-        assert store.calls["report_presence"] == 0
         presence.reassert()
-        await until(lambda: store.calls["report_presence"] == 1, what="the report, at once")
+        await until(lambda: store.calls["report_presence"] == 1, what="the failed report")
+        store.fail = None
+        presence.reassert()
+        await until(lambda: store.calls["report_presence"] == 2, what="the report, at once")
         assert len(store.presence[REPLICA]) == 1
     finally:
         task.cancel()
