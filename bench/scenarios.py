@@ -4,6 +4,7 @@ docstring; it returns one run's figures as a flat dict (numbers are summarised o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -184,9 +185,7 @@ async def _server_statements(conn: asyncpg.Connection, role: str) -> dict[str, f
     """Statements the server role ran since pg_stat_statements was last reset: all of them,
     and the presence writes (report_presence, record_deliveries) apart."""
     rows = await conn.fetch(BENCH_SQL["server_statements"], role)
-    presence = [
-        r for r in rows if "report_presence" in r["query"] or "record_deliveries" in r["query"]
-    ]
+    presence = [r for r in rows if any(f in r["query"] for f in PRESENCE_FUNCTIONS)]
     return {
         "statements": sum(r["calls"] for r in rows),
         "presence_statements": sum(r["calls"] for r in presence),
@@ -716,7 +715,11 @@ class Scenarios:
                 await gens.pause()
                 # CPU during the stop: the servers' (reaped with their parent, so counted in
                 # this process's children's usage), the load generators' and PostgreSQL's.
-                stop_cpu = [cpu_seconds(pids()), cpu_seconds(gens.pids), self._postgres_cpu()]
+                stop_cpu = [
+                    cpu_seconds(pids(), reaped=True),  # as the reaped total will count them
+                    cpu_seconds(gens.pids),
+                    self._postgres_cpu(),
+                ]
                 reaped = _children_cpu()
                 shutdown_s = await _sigterm(server, f"{profile}-stop" if profile else None)
                 stop_cpu = [
@@ -812,13 +815,14 @@ class Scenarios:
     ) -> dict[str, Any]:
         """Once presence shows every stream (bounded): what the server ran and wrote since
         the statements were reset and receipt `last` (the agents still connected)."""
-        await self._presence_shown(conn, streams if on else 0)
+        shown = await self._presence_shown(conn, streams if on else 0)
         statements = await _server_statements(conn, SERVER_ROLE)
         sizes = await conn.fetchrow(BENCH_SQL["presence_sizes"])
         assert sizes is not None
         receipts = await conn.fetch(BENCH_SQL["receipts_after"], last)
         return {
             **statements,
+            "presence_shown_s": shown,
             "presence_rows_written": sizes["presence_rows"],
             "receipt_rows_written": len(receipts),
         }
@@ -856,7 +860,13 @@ class Scenarios:
                 polling = asyncio.ensure_future(self._watch_receipts(poller, seen, stop))
                 sent = await self.claim_paced(targets, rate)
                 got = await gens.wait_events(len(targets), 30)
-                await asyncio.sleep(RECEIPT_WINDOW)  # the receipts' window: the poller fills `seen`
+                # The receipts' window: until every delivered claim's receipt was seen by the
+                # poller, or RECEIPT_WINDOW passed (a later one counts as missing).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RECEIPT_WINDOW):
+                        # ASYNC110: `seen` is filled by the poller task, at its own interval
+                        while not got.keys() <= seen.keys():  # noqa: ASYNC110
+                            await asyncio.sleep(RECEIPT_POLL)
                 stop.set()
                 await polling
         finally:
