@@ -130,40 +130,51 @@ async def test_the_per_agent_cap_holds_and_frees() -> None:
     assert admission.agent_slots == 0
 
 
-async def test_a_lone_connect_is_read_at_once_and_a_crowd_together() -> None:
-    """A connect with no read in flight is read alone, at once; connects that arrive while the
-    reads in flight are busy go to the database together, in one call."""
+def _reads(agents: int, **options: int) -> tuple[MemoryStore, Reads, list[bytes]]:
+    """A store with `agents` agents, reads over it, and the agents' token hashes."""
     store = MemoryStore()
-    tokens = [str(uuid.uuid4()) for _ in range(12)]
+    tokens = [str(uuid.uuid4()) for _ in range(agents)]
     for token in tokens:
         store.add_agent(token)
-    reads = Reads(store, concurrency=2)
-    digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
+    return store, Reads(store, **options), [hashlib.sha256(t.encode()).digest() for t in tokens]
+
+
+async def test_a_lone_connect_is_read_at_once_and_a_crowd_together() -> None:
+    """A connect with no read in flight is read alone, at once; connects that arrive while a
+    read is in flight (by default, one at a time) go to the database together, in one call."""
+    store, reads, digests = _reads(12)
     store.hold = asyncio.Event()
     first = asyncio.create_task(reads.read(digests[0]))
     await asyncio.wait_for(store.reading.wait(), 1)
     assert store.calls["admit_many"] == 1  # alone, without waiting for company
-    second = asyncio.create_task(reads.read(digests[1]))
+    crowd = [asyncio.create_task(reads.read(d)) for d in digests[1:]]
     await asyncio.sleep(0)
-    crowd = [asyncio.create_task(reads.read(d)) for d in digests[2:]]
-    await asyncio.sleep(0)
-    assert store.calls["admit_many"] == 2  # both reads in flight; the crowd waits
+    assert store.calls["admit_many"] == 1  # one read in flight; the crowd waits for it
     store.hold.set()
-    answers = await asyncio.wait_for(asyncio.gather(first, second, *crowd), 1)
-    assert store.calls["admit_many"] == 3  # the ten waiting ones in one round trip
+    answers = await asyncio.wait_for(asyncio.gather(first, *crowd), 1)
+    assert store.calls["admit_many"] == 2  # the eleven waiting ones in one round trip
     assert all(a is not None for a in answers)
     assert len({a.workspace_id for a in answers if a is not None}) == 12
+
+
+async def test_more_reads_in_flight_when_asked() -> None:
+    """With `concurrency=2`, a second connect is read at once beside the first."""
+    store, reads, digests = _reads(4, concurrency=2)
+    store.hold = asyncio.Event()
+    tasks = [asyncio.create_task(reads.read(d)) for d in digests[:2]]
+    await asyncio.sleep(0)
+    tasks += [asyncio.create_task(reads.read(d)) for d in digests[2:]]
+    await asyncio.sleep(0)
+    assert store.calls["admit_many"] == 2  # both reads in flight; the other two wait
+    store.hold.set()
+    assert all(await asyncio.wait_for(asyncio.gather(*tasks), 1))
+    assert store.calls["admit_many"] == 3
 
 
 async def test_a_connect_that_leaves_its_batch_does_not_disturb_the_others() -> None:
     """A client that hangs up while its batch is read gets nothing; the rest of the batch gets
     its answers; a batch that fails fails each of its connects with the error."""
-    store = MemoryStore()
-    tokens = [str(uuid.uuid4()) for _ in range(3)]
-    for token in tokens:
-        store.add_agent(token)
-    reads = Reads(store, concurrency=1)
-    digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
+    store, reads, digests = _reads(3, concurrency=1)
     store.hold = asyncio.Event()
     blocker = asyncio.create_task(reads.read(digests[0]))
     await asyncio.wait_for(store.reading.wait(), 1)
@@ -184,12 +195,7 @@ async def test_a_connect_that_leaves_its_batch_does_not_disturb_the_others() -> 
 async def test_a_connect_that_hangs_up_before_its_read_starts_is_not_read() -> None:
     """Connects waiting for a read and gone before it starts (a storm that hangs up) cost the
     database nothing: the next read leaves them out, and with nobody left there is none."""
-    store = MemoryStore()
-    tokens = [str(uuid.uuid4()) for _ in range(3)]
-    for token in tokens:
-        store.add_agent(token)
-    reads = Reads(store, concurrency=1)
-    digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
+    store, reads, digests = _reads(3, concurrency=1)
     store.hold = asyncio.Event()
     blocker = asyncio.create_task(reads.read(digests[0]))
     await asyncio.wait_for(store.reading.wait(), 1)
