@@ -5,8 +5,11 @@ every request opens a PostgreSQL connection, LISTENs, reads, and waits on it.
 `plain`: aiohttp alone, no database: reinitd's SSE headers, each stream held on an asyncio
 queue, the same server options and backlog. What the framework costs per connect and per
 idle stream, the floor reinitd's own figures are divided by.
+`fanout`: `plain`, plus one asyncpg LISTEN whose every NOTIFY is written, as it says, to the
+streams of the workspace it names (a map of token hashes read once at start, never per
+connect): the floor of a burst of claims, fan-out without the doorbell's read.
 
-Run: python -m bench.baseline {naive,plain} --port P [--database-url DSN].
+Run: python -m bench.baseline {naive,plain,fanout} --port P [--database-url DSN].
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import signal
+from collections.abc import AsyncIterator
 
 import asyncpg
 from aiohttp import web
@@ -30,17 +34,23 @@ from reinitd.wire import PING_FRAME, REINIT_PATH
 
 DSN = web.AppKey("dsn", str)
 STREAMS = web.AppKey("streams", set[asyncio.Queue[bytes]])
+# fanout: workspace of each token hash, and the queues of the streams waiting on each workspace
+WORKSPACES = web.AppKey("workspaces", dict[bytes, str])
+WAITING = web.AppKey("waiting", dict[str, set[asyncio.Queue[bytes]]])
+
+
+def digest(request: web.Request) -> bytes:
+    token = request.headers.get("Coder-Session-Token", "")
+    return hashlib.sha256(token.lower().encode()).digest()
 
 
 async def naive_reinit(request: web.Request) -> web.StreamResponse:
-    token = request.headers.get("Coder-Session-Token", "")
-    digest = hashlib.sha256(token.lower().encode()).digest()
     try:
         conn: asyncpg.Connection = await asyncpg.connect(request.app[DSN])
     except (OSError, asyncpg.PostgresError) as exc:
         return web.json_response({"message": "database", "detail": str(exc)}, status=503)
     try:
-        agent = await conn.fetchrow(QUERIES["agent_by_token_hash"], digest)
+        agent = await conn.fetchrow(QUERIES["agent_by_token_hash"], digest(request))
         if agent is None:
             return web.json_response({"message": "Unauthorized.", "detail": ""}, status=401)
         workspace_id = agent["workspace_id"]
@@ -83,6 +93,40 @@ async def plain_reinit(request: web.Request) -> web.StreamResponse:
         streams.discard(queue)
 
 
+async def fanout_reinit(request: web.Request) -> web.StreamResponse:
+    """`plain`, with the stream's queue filed under its workspace for the LISTEN to write to."""
+    workspace_id = request.app[WORKSPACES][digest(request)]
+    queues = request.app[WAITING].setdefault(workspace_id, set())
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=16)
+    queues.add(queue)
+    try:
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        while True:
+            await response.write(await queue.get())
+    finally:
+        queues.discard(queue)
+
+
+async def listen(app: web.Application) -> AsyncIterator[None]:
+    """fanout's start-up: the token map, then a LISTEN that writes each payload as a frame."""
+    conn: asyncpg.Connection = await asyncpg.connect(app[DSN])
+    rows = await conn.fetch("SELECT token_hash, workspace_id FROM reinitd.workspace_agents")
+    app[WORKSPACES] = {bytes(r["token_hash"]): str(r["workspace_id"]) for r in rows}
+    waiting = app[WAITING]
+
+    def on_notify(_c: object, _p: int, _ch: str, payload: object) -> None:
+        frame = f"event: data\ndata: {payload}\n\n".encode()
+        for queue in waiting.get(json.loads(str(payload))["workspace_id"], ()):
+            queue.put_nowait(frame)
+
+    await conn.add_listener(CHANNEL, on_notify)
+    try:
+        yield
+    finally:
+        await conn.close()
+
+
 async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -106,14 +150,18 @@ async def serve(app: web.Application, port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__)
-    parser.add_argument("kind", choices=("naive", "plain"))
+    parser.add_argument("kind", choices=("naive", "plain", "fanout"))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--database-url", default="")
     args = parser.parse_args()
     app = web.Application()
     app[DSN] = args.database_url
     app[STREAMS] = set()
-    app.router.add_get(REINIT_PATH, naive_reinit if args.kind == "naive" else plain_reinit)
+    app[WAITING] = {}
+    handlers = {"naive": naive_reinit, "plain": plain_reinit, "fanout": fanout_reinit}
+    app.router.add_get(REINIT_PATH, handlers[args.kind])
+    if args.kind == "fanout":
+        app.cleanup_ctx.append(listen)
     app.router.add_get("/healthz", healthz)
     asyncio.run(serve(app, args.port))
 

@@ -340,10 +340,12 @@ class Harness:
 
     @contextlib.asynccontextmanager
     async def baseline(self, kind: str) -> AsyncIterator[ServerProcess]:
-        """A baseline server of bench/baseline.py (`naive` or `plain`), ready on /healthz."""
+        """A baseline server of bench/baseline.py, ready on /healthz: `naive` logs in as the
+        server role; `fanout` as the owner (it reads the token map once, at start)."""
         port = free_port()
+        dsn = self.db.owner_dsn if kind == "fanout" else self.db.server_dsn
         async with python_server(
-            ["bench.baseline", kind, "--port", str(port), "--database-url", self.db.server_dsn],
+            ["bench.baseline", kind, "--port", str(port), "--database-url", dsn],
             port,
             self.log_dir / f"{kind}-{port}-{uuid.uuid4().hex[:6]}.log",
             ready_path="/healthz",

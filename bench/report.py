@@ -63,7 +63,11 @@ def _burst(s: _Section) -> str:
         f"{s('waiters', '{:.0f}')} delivered, the last {s('all_delivered_s', '{:.3f}')} s "
         f"after COMMIT; CPU per delivered claim: server "
         f"{s('server_cpu_per_claim_us', '{:.0f}')} µs, PostgreSQL "
-        f"{s('postgres_cpu_per_claim_us', '{:.0f}')} µs"
+        f"{s('postgres_cpu_per_claim_us', '{:.0f}')} µs. Beside plain aiohttp writing each "
+        f"NOTIFY's payload to its streams (no read), same run: the last "
+        f"{s('fanout_all_delivered_s', '{:.3f}')} s = {s('all_delivered_ratio', '{:.2f}')}x; "
+        f"server CPU {s('fanout_server_cpu_per_claim_us', '{:.0f}')} µs per claim = "
+        f"{s('server_cpu_per_claim_ratio', '{:.2f}')}x"
     )
 
 
@@ -255,6 +259,16 @@ def _baselines(out: Figures) -> list[str]:
                 f"{s.median('memory_per_stream_ratio'):.2f}x",
             ),
         ]
+    if "burst" in out:
+        s = _Section(out["burst"])
+        rows.append(
+            (
+                "burst, last frame after COMMIT, s",
+                f"{s.median('all_delivered_s'):.3f}",
+                f"{s.median('fanout_all_delivered_s'):.3f} fan-out",
+                f"{s.median('all_delivered_ratio'):.2f}x",
+            )
+        )
     # Latencies, each beside its floor in ms: (section, figure, ours, floor, floor's name, gap).
     for key, name, ours, floor, label, gap in (
         ("lone", "lone connect p50", "p50_ms", "plain_p50_ms", "plain", "over_plain_p50_ms"),

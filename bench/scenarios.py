@@ -305,12 +305,34 @@ class Scenarios:
     async def burst(self, n: int) -> dict[str, Any]:
         """`n` streams wait; all `n` claims commit in one transaction: time from COMMIT to
         the last frame, and the CPU per delivered claim of the server and of PostgreSQL
-        (PostgreSQL's counted from COMMIT on: the doorbell reads, not the claims)."""
+        (PostgreSQL's counted from COMMIT on: the doorbell reads, not the claims). The same
+        burst first through the `fanout` baseline in the same run (plain aiohttp writing
+        each NOTIFY's payload to its workspace's streams: no read, the framework's way)."""
         agents = self.agents[:n]
-        async with self.h.reinitd() as server, loadgens(1) as gens:
+        async with self.h.baseline("fanout") as fanout:
+            base = await self._burst(fanout, agents)
+        async with self.h.reinitd() as server:
             start = await server_timings(server.url)
+            ours = await self._burst(server, agents, start["gc_settles"])
+            inside = await server_timings(server.url)
+        return {
+            **ours,
+            **{f"fanout_{key}": value for key, value in base.items()},
+            "all_delivered_ratio": ratio(ours["all_delivered_s"], base["all_delivered_s"]),
+            "server_cpu_per_claim_ratio": ratio(
+                ours["server_cpu_per_claim_us"], base["server_cpu_per_claim_us"]
+            ),
+            **inside,
+        }
+
+    async def _burst(
+        self, server: ServerProcess, agents: Agents, gc_settles: float | None = None
+    ) -> dict[str, Any]:
+        n = len(agents)
+        async with loadgens(1) as gens:
             opened = await gens.open(server.url, agents)
-            await gc_settled(server.url, start["gc_settles"])
+            if gc_settles is not None:
+                await gc_settled(server.url, gc_settles)
             pids = tree(server.process.pid)
             conn = await self.h.db.connect()
             try:
@@ -328,7 +350,6 @@ class Scenarios:
             got = await gens.wait_events(n, 15)
             server_cpu = cpu_seconds(pids) - server_cpu
             postgres_cpu = cpu_seconds(self._postgres(but=claimer)) - postgres_cpu
-            inside = await server_timings(server.url)
         await self.unclaim(agents)
         return {
             "waiters": opened["registered"],
@@ -338,7 +359,6 @@ class Scenarios:
             "all_delivered_s": max(got.values()) - committed if got else NAN,
             "server_cpu_per_claim_us": 1e6 * server_cpu / max(1, len(got)),
             "postgres_cpu_per_claim_us": 1e6 * postgres_cpu / max(1, len(got)),
-            **inside,
         }
 
     async def storm(self, n: int, workers: int, claimed_share: float = 0.1) -> dict[str, Any]:
