@@ -10,6 +10,7 @@ from collections import Counter
 import structlog
 
 from reinitd.errors import ApiError
+from reinitd.log import info_enabled
 from reinitd.server import metrics
 from reinitd.server.claim import WAIT, Verdict
 from reinitd.server.doorbell import Doorbell
@@ -65,7 +66,8 @@ class Ticket:
         _OPEN_STREAMS[self.subscription.wait].inc()
         if (presence := self._admission.presence) is not None:
             self.seq = presence.join(self)
-        log.info("agent_waiting", wait=self.subscription.wait, mode=mode)
+        if info_enabled():
+            log.info("agent_waiting", wait=self.subscription.wait, mode=mode)
 
     def delivered(self, delivery: Delivery) -> None:
         """A claim was written to this request's agent (a stream frame, a long-poll's answer):
@@ -73,13 +75,14 @@ class Ticket:
         sub = self.subscription
         assert sub is not None
         sub.delivered += 1
-        log.info(
-            "reinit_delivered",
-            path=delivery.source,
-            owner_id=str(delivery.event.owner_id),
-            workspace_id=str(delivery.event.workspace_id),
-            request_id=self.request_id,
-        )
+        if info_enabled():  # a burst delivers thousands at once: no fields gathered for nothing
+            log.info(
+                "reinit_delivered",
+                path=delivery.source,
+                owner_id=str(delivery.event.owner_id),
+                workspace_id=str(delivery.event.workspace_id),
+                request_id=self.request_id,
+            )
         _DELIVERED_BY_PATH[delivery.source].inc()
         if delivery.received_at:
             metrics.NOTIFY_TO_WRITE_SECONDS.observe(time.monotonic() - delivery.received_at)
@@ -108,15 +111,16 @@ class Ticket:
                 _OPEN_STREAMS[sub.wait].dec()
                 if self.seq and (presence := self._admission.presence) is not None:
                     presence.leave(self.seq)
-                log.info(
-                    "stream_ended",
-                    reason=sub.ended_by,
-                    events=sub.delivered,
-                    duration_s=round(time.monotonic() - self.opened_at, 3),
-                    mode=self.mode,
-                    workspace_id=str(sub.workspace_id),
-                    request_id=self.request_id,
-                )
+                if info_enabled():
+                    log.info(
+                        "stream_ended",
+                        reason=sub.ended_by,
+                        events=sub.delivered,
+                        duration_s=round(time.monotonic() - self.opened_at, 3),
+                        mode=self.mode,
+                        workspace_id=str(sub.workspace_id),
+                        request_id=self.request_id,
+                    )
         if self.agent_id is not None:
             self._admission._release_agent_slot(self.agent_id)
         self._admission._release_process_slot()

@@ -90,6 +90,8 @@ class Presence:
         # Receipts waiting for the database: ids and the write's monotonic time, no reference
         # to the request (a long outage must not keep 100 000 finished requests alive).
         self._receipts: collections.deque[Pending] = collections.deque()
+        # Read when scraped, not set per receipt (a burst writes thousands at once).
+        metrics.RECEIPTS_PENDING.set_function(self._receipts.__len__)
         self._failures = LogThrottle()
         self._now = asyncio.Event()  # `reassert`: flush at once, whatever the back-off
 
@@ -131,7 +133,6 @@ class Presence:
         assert ticket.agent_id is not None
         at = time.monotonic()
         self._receipts.append((sub.workspace_id, ticket.agent_id, build_id, kind, path, at))
-        metrics.RECEIPTS_PENDING.set(len(self._receipts))
 
     def reassert(self) -> None:
         """Send everything held, now (after a listener reconnect: the database may be another
@@ -232,8 +233,6 @@ class Presence:
             except BaseException:  # cancelled mid-write (a stop): kept for `close`
                 self._receipts.extendleft(reversed(batch))
                 raise
-            finally:
-                metrics.RECEIPTS_PENDING.set(len(self._receipts))
             _RECEIPTS["written"].inc(len(receipts))
 
     @staticmethod

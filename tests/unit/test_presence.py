@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import logging
 import random
 import uuid
 from collections.abc import Sequence
 
 import pytest
+import structlog
 
+from reinitd import log
 from reinitd.server.admission import Admission, Ticket
 from reinitd.server.hub import Delivery, Hub
 from reinitd.server.memstore import MemoryStore
@@ -133,7 +137,7 @@ async def test_receipts_wait_for_the_database_and_are_bounded() -> None:
         ticket.delivered(Delivery(event, path, build_id=build))
     await presence.flush()
     assert store.receipts == []
-    assert presence.pending_receipts == 3
+    assert presence.pending_receipts == 3 == sample("reinitd_receipts_pending")
     assert sample("reinitd_receipts_total", outcome="dropped") == dropped + 1
     store.fail = None
     await presence.flush()
@@ -142,7 +146,7 @@ async def test_receipts_wait_for_the_database_and_are_bounded() -> None:
         ("resync", build, "event"),
         ("notify", build, "event"),
     ]
-    assert presence.pending_receipts == 0
+    assert presence.pending_receipts == 0 == sample("reinitd_receipts_pending")
 
 
 async def test_close_writes_receipts_and_retires_the_replica() -> None:
@@ -273,3 +277,28 @@ async def test_a_long_prune_goes_one_chunk_per_flush() -> None:
         await presence.flush()
         assert store.calls["prune_deliveries"] == prunes
         assert store.calls["report_presence"] == flushes  # a report beside every chunk
+
+
+@pytest.mark.parametrize(("level", "lines"), [("warning", 0), ("info", 1)])
+def test_a_delivery_below_info_is_counted_and_receipted_without_a_line(
+    level: str, lines: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At `--log-level warning` a delivery gathers no log fields (a burst delivers thousands
+    at once); it is counted and receipted all the same. At info its line is written."""
+    saved, root = structlog.get_config(), logging.getLogger()
+    handlers, root_level = root.handlers[:], root.level
+    out = io.StringIO()
+    monkeypatch.setattr(log, "_info", log.info_enabled())  # put back at the end
+    try:
+        log.configure(level, "json", stream=out)
+        presence = Presence(MemoryStore(), REPLICA)
+        ticket = waiting(presence, Hub())
+        event = ReinitEvent(uuid.uuid4(), owner_id=uuid.uuid4())
+        before = sample("reinitd_events_delivered_total", path="notify")
+        ticket.delivered(Delivery(event, "notify"))
+        assert sample("reinitd_events_delivered_total", path="notify") == before + 1
+        assert presence.pending_receipts == 1
+        assert out.getvalue().count('"event": "reinit_delivered"') == lines
+    finally:
+        structlog.configure(**saved)
+        root.handlers[:], root.level = handlers, root_level
