@@ -279,26 +279,34 @@ async def test_a_long_prune_goes_one_chunk_per_flush() -> None:
         assert store.calls["report_presence"] == flushes  # a report beside every chunk
 
 
-@pytest.mark.parametrize(("level", "lines"), [("warning", 0), ("info", 1)])
+@pytest.mark.parametrize(("info", "lines"), [(False, 0), (True, 1)])
 def test_a_delivery_below_info_is_counted_and_receipted_without_a_line(
-    level: str, lines: int, monkeypatch: pytest.MonkeyPatch
+    info: bool, lines: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """At `--log-level warning` a delivery gathers no log fields (a burst delivers thousands
     at once); it is counted and receipted all the same. At info its line is written."""
+    monkeypatch.setattr(log, "_info", info)
+    presence = Presence(MemoryStore(), REPLICA)
+    ticket = waiting(presence, Hub())
+    event = ReinitEvent(uuid.uuid4(), owner_id=uuid.uuid4())
+    before = sample("reinitd_events_delivered_total", path="notify")
+    with structlog.testing.capture_logs() as logs:
+        ticket.delivered(Delivery(event, "notify"))
+    assert sample("reinitd_events_delivered_total", path="notify") == before + 1
+    assert presence.pending_receipts == 1
+    assert [e["event"] for e in logs].count("reinit_delivered") == lines
+
+
+@pytest.mark.parametrize(("level", "info"), [("debug", True), ("info", True), ("warning", False)])
+def test_the_log_level_says_whether_info_lines_are_written(
+    level: str, info: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     saved, root = structlog.get_config(), logging.getLogger()
-    handlers, root_level = root.handlers[:], root.level
-    out = io.StringIO()
+    monkeypatch.setattr(root, "handlers", root.handlers[:])
+    monkeypatch.setattr(root, "level", root.level)
     monkeypatch.setattr(log, "_info", log.info_enabled())  # put back at the end
     try:
-        log.configure(level, "json", stream=out)
-        presence = Presence(MemoryStore(), REPLICA)
-        ticket = waiting(presence, Hub())
-        event = ReinitEvent(uuid.uuid4(), owner_id=uuid.uuid4())
-        before = sample("reinitd_events_delivered_total", path="notify")
-        ticket.delivered(Delivery(event, "notify"))
-        assert sample("reinitd_events_delivered_total", path="notify") == before + 1
-        assert presence.pending_receipts == 1
-        assert out.getvalue().count('"event": "reinit_delivered"') == lines
+        log.configure(level, "json", stream=io.StringIO())  # nothing logged meanwhile
+        assert log.info_enabled() is info
     finally:
         structlog.configure(**saved)
-        root.handlers[:], root.level = handlers, root_level
