@@ -151,7 +151,10 @@ class Reads:
         return await answer
 
     def _start(self) -> None:
-        # A client that hung up while it waited for a read has nothing left to read for.
+        if len(self._reading) >= self.concurrency:
+            return  # the read in flight starts the next when it ends
+        # A client that hung up while it waited for a read has nothing left to read for (left
+        # out when a read starts: filtering at every connect cost a storm its square).
         self._waiting = [item for item in self._waiting if not item[1].done()]
         while self._waiting and len(self._reading) < self.concurrency:
             batch, self._waiting = self._waiting[: self.limit], self._waiting[self.limit :]

@@ -44,9 +44,11 @@ EMBEDDED_DIR = Path(".reinitd")
 
 
 def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
-    """The listening socket, before any other work: a port in use is the first error."""
+    """The listening socket, before any other work: a port in use is the first error. It
+    carries SO_KEEPALIVE, which every accepted connection inherits (Linux): aiohttp need not
+    set it per connection, a system call and a socket object each (`run_server`)."""
     try:
-        return socket.create_server(
+        sock = socket.create_server(
             (settings.host, settings.port),
             family=socket.AF_INET6 if ":" in settings.host else socket.AF_INET,
             backlog=settings.backlog,
@@ -63,6 +65,8 @@ def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
         raise ReinitdError(
             f"cannot listen on {settings.host}:{settings.port}: {reason}{hint}"
         ) from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    return sock
 
 
 async def run_server(settings: Settings, sock: socket.socket, stop: Stop) -> None:
@@ -71,7 +75,7 @@ async def run_server(settings: Settings, sock: socket.socket, stop: Stop) -> Non
     accept_errors = AcceptErrors()
     loop.set_exception_handler(accept_errors)
     app = create_app(settings)
-    runner = make_runner(app, access_log_class=AccessLogger)
+    runner = make_runner(app, access_log_class=AccessLogger, tcp_keepalive=False)  # see bind
     await runner.setup()
     collector = GcPacer(lambda: runner.streams_taken)
     collector.install()

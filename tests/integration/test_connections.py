@@ -254,8 +254,9 @@ async def test_requests_in_flight_are_bounded_and_probes_never_wait(
 
     after_read(client.app[ADMISSION], hold)
     opening = [asyncio.ensure_future(open_stream(client, a.token)) for a in agents]
-    for _ in range(2):
-        await asyncio.wait_for(inside.get(), 5)
+    # The first connect's read is held; the second waits for it (one read in flight): both are
+    # in the durable check, each holding one of the two places.
+    await asyncio.wait_for(inside.get(), 5)
     server = client.server.runner.server if client.server.runner else None
     assert isinstance(server, connection.GuardedServer)
     await until(lambda: server.waiting == 2, what="the third and fourth connects wait unread")
@@ -315,6 +316,26 @@ async def test_long_polls_and_trickled_heads_never_hold_back_a_new_connect(
 
 
 @pytest.mark.internals
+async def test_accepted_connections_keep_tcp_keepalive(served: ServerProcess) -> None:
+    """The server sets SO_KEEPALIVE once, on its listening socket, not per connection: every
+    accepted connection still has it (a dead peer behind a silent network is found)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # accepted, served, kept open
+        # /proc/net/tcp: local address, remote, state (01 established), queues, then the
+        # timer's kind (02: keepalive, 00: none) for the server's side of this connection.
+        rows = [
+            line.split()
+            for line in (await asyncio.to_thread(Path("/proc/net/tcp").read_text)).splitlines()[1:]
+            if line.split()[1].endswith(f":{served.port:04X}") and line.split()[3] == "01"
+        ]
+    finally:
+        writer.close()
+    assert len(rows) == 1, rows
+    assert rows[0][5].startswith("02:"), rows[0]
+
+
 @on_every_path
 async def test_an_http_1_0_client_reads_plain_frames_until_the_connection_closes(
     make_server: ServerFactory, sql: Sql
