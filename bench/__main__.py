@@ -46,7 +46,7 @@ Run = Callable[[], Awaitable[dict[str, Any]]]
 
 
 async def prepare(
-    cluster: Cluster, log_dir: Path, prebuilds: int, event_loop: str, statements: bool
+    cluster: Cluster, log_dir: Path, prebuilds: int, args: argparse.Namespace, statements: bool
 ) -> Scenarios:
     """The schema, the server's login role and `prebuilds` prebuilt workspaces (and, with
     `statements`, the pg_stat_statements extension)."""
@@ -64,7 +64,8 @@ async def prepare(
     finally:
         await conn.close()
     agents = [(r["agent_token"], str(r["workspace_id"])) for r in rows]
-    return Scenarios(Harness(database, log_dir, event_loop), agents, owner)
+    harness = Harness(database, log_dir, args.event_loop, args.baseline_loop)
+    return Scenarios(harness, agents, owner)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -86,7 +87,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             args.presence_streams if "presence" in only else 0,
             args.scale if "scale" in only else 0,
         )
-        bench = await prepare(cluster, root, prebuilds, args.event_loop, "presence" in only)
+        bench = await prepare(cluster, root, prebuilds, args, "presence" in only)
         out: dict[str, Any] = {
             "machine": {
                 "cpus": os.cpu_count(),
@@ -245,6 +246,12 @@ def main() -> None:
         default="auto",
         choices=("auto", "uvloop", "asyncio"),
         help="the reinitd servers' event loop (serve --event-loop)",
+    )
+    add(
+        "--baseline-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the baseline servers' event loop (asyncio: aiohttp's own)",
     )
     add(
         "--profile",

@@ -9,7 +9,8 @@ idle stream, the floor reinitd's own figures are divided by.
 streams of the workspace it names (a map of token hashes read once at start, never per
 connect): the floor of a burst of claims, fan-out without the doorbell's read.
 
-Run: python -m bench.baseline {naive,plain,fanout} --port P [--database-url DSN].
+Run: python -m bench.baseline {naive,plain,fanout} --port P [--database-url DSN]
+[--event-loop asyncio|uvloop] (asyncio, aiohttp's own, unless asked).
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ def main() -> None:
     parser.add_argument("kind", choices=("naive", "plain", "fanout"))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--database-url", default="")
+    parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
     app = web.Application()
     app[DSN] = args.database_url
@@ -163,6 +165,10 @@ def main() -> None:
     if args.kind == "fanout":
         app.cleanup_ctx.append(listen)
     app.router.add_get("/healthz", healthz)
+    if args.event_loop == "uvloop":
+        import uvloop  # noqa: PLC0415 -- only when asked: the baselines need no more than aiohttp
+
+        uvloop.install()
     asyncio.run(serve(app, args.port))
 
 

@@ -308,10 +308,17 @@ class Harness:
     """Starts what a scenario needs; `profiling` names the scenario when --profile records
     each reinitd server with py-spy."""
 
-    def __init__(self, database: Database, log_dir: Path, event_loop: str = "auto") -> None:
+    def __init__(
+        self,
+        database: Database,
+        log_dir: Path,
+        event_loop: str = "auto",
+        baseline_loop: str = "asyncio",
+    ) -> None:
         self.db = database
         self.log_dir = log_dir
         self.event_loop = event_loop
+        self.baseline_loop = baseline_loop
         self.profiling: str | None = None
 
     @contextlib.asynccontextmanager
@@ -345,7 +352,16 @@ class Harness:
         port = free_port()
         dsn = self.db.owner_dsn if kind == "fanout" else self.db.server_dsn
         async with python_server(
-            ["bench.baseline", kind, "--port", str(port), "--database-url", dsn],
+            [
+                "bench.baseline",
+                kind,
+                "--port",
+                str(port),
+                "--database-url",
+                dsn,
+                "--event-loop",
+                self.baseline_loop,
+            ],
             port,
             self.log_dir / f"{kind}-{port}-{uuid.uuid4().hex[:6]}.log",
             ready_path="/healthz",
