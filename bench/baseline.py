@@ -168,8 +168,9 @@ def main() -> None:
     if args.event_loop == "uvloop":
         import uvloop  # noqa: PLC0415 -- only when asked: the baselines need no more than aiohttp
 
-        uvloop.install()
-    asyncio.run(serve(app, args.port))
+        uvloop.run(serve(app, args.port))
+    else:
+        asyncio.run(serve(app, args.port))
 
 
 if __name__ == "__main__":

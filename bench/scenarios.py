@@ -200,6 +200,7 @@ class Scenarios:
         self.agents = agents
         self.owner = owner
         self.presence_storms = 0
+        self._bursts = 0
 
     async def claim_paced(self, targets: Agents, rate: float) -> dict[str, float]:
         """Claim each target's workspace over one connection, `rate` claims per second;
@@ -306,14 +307,25 @@ class Scenarios:
         """`n` streams wait; all `n` claims commit in one transaction: time from COMMIT to
         the last frame, and the CPU per delivered claim of the server and of PostgreSQL
         (PostgreSQL's counted from COMMIT on: the doorbell reads, not the claims). The same
-        burst first through the `fanout` baseline in the same run (plain aiohttp writing
-        each NOTIFY's payload to its workspace's streams: no read, the framework's way)."""
+        burst through the `fanout` baseline in the same run (plain aiohttp writing each
+        NOTIFY's payload to its workspace's streams: no read, the framework's way)."""
         agents = self.agents[:n]
-        async with self.h.baseline("fanout") as fanout:
-            base = await self._burst(fanout, agents)
-        async with self.h.reinitd() as server:
-            start = await server_timings(server.url)
-            ours = await self._burst(server, agents, start["gc_settles"])
+
+        async def floor() -> dict[str, Any]:
+            async with self.h.baseline("fanout") as fanout:
+                return await self._burst(fanout, agents)
+
+        async def reinitd() -> dict[str, Any]:
+            async with self.h.reinitd() as server:
+                start = await server_timings(server.url)
+                return await self._burst(server, agents, start["gc_settles"])
+
+        # The two take turns going first, run by run: neither always meets a fresher machine.
+        self._bursts += 1
+        if self._bursts % 2:
+            base, ours = await floor(), await reinitd()
+        else:
+            ours, base = await reinitd(), await floor()
         return {
             **ours,
             **{f"fanout_{key}": value for key, value in base.items()},

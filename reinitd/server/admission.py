@@ -129,20 +129,33 @@ class Ticket:
 class Reads:
     """Connect reads that arrive together go to the database together.
 
-    A connect's read starts at once when fewer than `concurrency` reads are in flight (a lone
-    connect never waits for company); otherwise it waits for the next one to start, with every
-    read asked for meanwhile, up to `limit` a read. A storm of thousands of connects within
-    milliseconds thus costs a few dozen round trips, not thousands. One read in flight, not two:
+    A connect's read starts at once when no read is in flight (a lone connect never waits for
+    company); otherwise it waits for the next one to start, with every read asked for
+    meanwhile, up to `limit` a read. A storm of thousands of connects within milliseconds thus
+    costs a few hundred round trips, not thousands. One read in flight (`concurrency`), not two:
     in a storm each read then carries about twice the connects, and the server's CPU per
-    connect fell by a fifth (the benchmark's storm, same run). A read runs in a task of its
-    own: a client that hangs up abandons its answer, never a query half sent."""
+    connect fell by a fifth (the benchmark's storm, same run). But a read still out after
+    `slow_after` seconds (a pooled connection gone silent, a lock) holds nobody back: the next
+    one starts beside it, up to `most` in flight. A read runs in a task of its own: a client
+    that hangs up abandons its answer, never a query half sent."""
 
-    def __init__(self, store: Store, *, concurrency: int = 1, limit: int = 1000) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        concurrency: int = 1,
+        most: int = 2,
+        slow_after: float = 0.25,
+        limit: int = 1000,
+    ) -> None:
         self.store = store
         self.concurrency = concurrency
+        self.most = max(most, concurrency)
+        self.slow_after = slow_after
         self.limit = limit
         self._waiting: list[tuple[bytes, asyncio.Future[Admitted | None]]] = []
-        self._reading: set[asyncio.Task[None]] = set()
+        # Reads in flight: when each started, and its call to look again once it is slow.
+        self._reading: dict[asyncio.Task[None], tuple[float, asyncio.TimerHandle]] = {}
 
     async def read(self, token_hash: bytes) -> Admitted | None:
         answer: asyncio.Future[Admitted | None] = asyncio.get_running_loop().create_future()
@@ -150,20 +163,30 @@ class Reads:
         self._start()
         return await answer
 
+    def _may_start(self) -> bool:
+        if len(self._reading) >= self.most:
+            return False
+        if len(self._reading) < self.concurrency:
+            return True
+        since = time.monotonic() - self.slow_after
+        return sum(started > since for started, _ in self._reading.values()) < self.concurrency
+
     def _start(self) -> None:
-        if len(self._reading) >= self.concurrency:
-            return  # the read in flight starts the next when it ends
+        if not self._may_start():
+            return  # a read in flight starts the next when it ends, or once it is slow
         # A client that hung up while it waited for a read has nothing left to read for (left
         # out when a read starts: filtering at every connect cost a storm its square).
         self._waiting = [item for item in self._waiting if not item[1].done()]
-        while self._waiting and len(self._reading) < self.concurrency:
+        loop = asyncio.get_running_loop()
+        while self._waiting and self._may_start():
             batch, self._waiting = self._waiting[: self.limit], self._waiting[self.limit :]
-            task = asyncio.create_task(self._read(batch), name="reinitd-connect-read")
-            self._reading.add(task)
+            task = loop.create_task(self._read(batch), name="reinitd-connect-read")
+            self._reading[task] = (time.monotonic(), loop.call_later(self.slow_after, self._start))
             task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._reading.discard(task)
+        _, slow = self._reading.pop(task)
+        slow.cancel()
         self._start()
 
     async def _read(self, batch: list[tuple[bytes, asyncio.Future[Admitted | None]]]) -> None:

@@ -90,8 +90,10 @@ class Presence:
         # Receipts waiting for the database: ids and the write's monotonic time, no reference
         # to the request (a long outage must not keep 100 000 finished requests alive).
         self._receipts: collections.deque[Pending] = collections.deque()
-        # Read when scraped, not set per receipt (a burst writes thousands at once).
-        metrics.RECEIPTS_PENDING.set_function(self._receipts.__len__)
+        self._writing = 0  # receipts in the write under way
+        # Read when scraped, not set per receipt (a burst writes thousands at once). One
+        # Presence per server process: the last one made is the one the gauge reads.
+        metrics.RECEIPTS_PENDING.set_function(lambda: self.pending_receipts)
         self._failures = LogThrottle()
         self._now = asyncio.Event()  # `reassert`: flush at once, whatever the back-off
 
@@ -101,7 +103,8 @@ class Presence:
 
     @property
     def pending_receipts(self) -> int:
-        return len(self._receipts)
+        """Receipts not yet in the database: waiting, or in the write under way."""
+        return len(self._receipts) + self._writing
 
     # --- the request side: synchronous, no I/O ------------------------------------------------
 
@@ -221,6 +224,7 @@ class Presence:
                 self._receipts.popleft() for _ in range(min(RECEIPT_CHUNK, len(self._receipts)))
             ]
             receipts = [self._receipt(item, now) for item in batch]
+            self._writing = len(batch)
             try:
                 await self._store.record_deliveries(self.replica, receipts)
             except Exception as exc:
@@ -233,6 +237,8 @@ class Presence:
             except BaseException:  # cancelled mid-write (a stop): kept for `close`
                 self._receipts.extendleft(reversed(batch))
                 raise
+            finally:
+                self._writing = 0
             _RECEIPTS["written"].inc(len(receipts))
 
     @staticmethod

@@ -315,7 +315,6 @@ async def test_long_polls_and_trickled_heads_never_hold_back_a_new_connect(
     await asyncio.gather(*polls, return_exceptions=True)
 
 
-@pytest.mark.internals
 async def test_accepted_connections_keep_tcp_keepalive(served: ServerProcess) -> None:
     """The server sets SO_KEEPALIVE once, on its listening socket, not per connection: every
     accepted connection still has it (a dead peer behind a silent network is found)."""
@@ -336,6 +335,7 @@ async def test_accepted_connections_keep_tcp_keepalive(served: ServerProcess) ->
     assert rows[0][5].startswith("02:"), rows[0]
 
 
+@pytest.mark.internals
 @on_every_path
 async def test_an_http_1_0_client_reads_plain_frames_until_the_connection_closes(
     make_server: ServerFactory, sql: Sql

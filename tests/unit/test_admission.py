@@ -17,6 +17,7 @@ from reinitd.server.hub import Delivery, Hub
 from reinitd.server.memstore import MemoryStore
 from reinitd.server.presence import Presence
 from reinitd.wire import ReinitEvent
+from tests.support import until
 
 TOKEN = str(uuid.uuid4())
 DIGEST = hashlib.sha256(TOKEN.encode()).digest()
@@ -130,13 +131,16 @@ async def test_the_per_agent_cap_holds_and_frees() -> None:
     assert admission.agent_slots == 0
 
 
-def _reads(agents: int, **options: int) -> tuple[MemoryStore, Reads, list[bytes]]:
+def _reads(
+    agents: int, *, concurrency: int = 1, slow_after: float = 0.25
+) -> tuple[MemoryStore, Reads, list[bytes]]:
     """A store with `agents` agents, reads over it, and the agents' token hashes."""
     store = MemoryStore()
     tokens = [str(uuid.uuid4()) for _ in range(agents)]
     for token in tokens:
         store.add_agent(token)
-    return store, Reads(store, **options), [hashlib.sha256(t.encode()).digest() for t in tokens]
+    reads = Reads(store, concurrency=concurrency, slow_after=slow_after)
+    return store, reads, [hashlib.sha256(t.encode()).digest() for t in tokens]
 
 
 async def test_a_lone_connect_is_read_at_once_and_a_crowd_together() -> None:
@@ -174,15 +178,21 @@ async def test_more_reads_in_flight_when_asked() -> None:
 async def test_a_connect_that_leaves_its_batch_does_not_disturb_the_others() -> None:
     """A client that hangs up while its batch is read gets nothing; the rest of the batch gets
     its answers; a batch that fails fails each of its connects with the error."""
-    store, reads, digests = _reads(3, concurrency=1)
-    store.hold = asyncio.Event()
+    store, reads, digests = _reads(3)
+    first, second = asyncio.Event(), asyncio.Event()
+    store.hold = first
     blocker = asyncio.create_task(reads.read(digests[0]))
     await asyncio.wait_for(store.reading.wait(), 1)
     leaving, staying = (asyncio.create_task(reads.read(d)) for d in digests[1:])
     await asyncio.sleep(0)
-    leaving.cancel()
-    store.hold.set()
+    store.hold = second  # the next read, of both, is held in its turn
+    store.reading.clear()
+    first.set()
     assert await asyncio.wait_for(blocker, 1) is not None
+    await asyncio.wait_for(store.reading.wait(), 1)  # `leaving` and `staying` are being read
+    assert store.calls["admit_many"] == 2
+    leaving.cancel()
+    second.set()
     assert await asyncio.wait_for(staying, 1) is not None
     assert leaving.cancelled()
     store.hold = None
@@ -190,6 +200,35 @@ async def test_a_connect_that_leaves_its_batch_does_not_disturb_the_others() -> 
     failing = [asyncio.create_task(reads.read(d)) for d in digests]
     results = await asyncio.gather(*failing, return_exceptions=True)
     assert all(isinstance(r, ConnectionResetError) for r in results)
+
+
+async def test_a_slow_read_holds_nobody_back() -> None:
+    """A read still out after `slow_after` (a pooled connection gone silent) lets the next
+    start beside it, without a new connect to ask; never more than `most` in flight."""
+    store, reads, digests = _reads(4, slow_after=0.05)
+    store.hold = asyncio.Event()
+    stuck = asyncio.create_task(reads.read(digests[0]))
+    await asyncio.wait_for(store.reading.wait(), 1)
+    waiting = asyncio.create_task(reads.read(digests[1]))
+    await asyncio.sleep(0)
+    assert store.calls["admit_many"] == 1  # the read in flight is young: the connect waits
+    await until(lambda: store.calls["admit_many"] == 2, what="a second read beside the slow one")
+    store.hold.set()
+    assert all(await asyncio.wait_for(asyncio.gather(stuck, waiting), 1))
+
+
+async def test_never_more_than_most_reads_in_flight() -> None:
+    """However slow the reads in flight (here: every read counts as slow at once), at most
+    `most` are out; the next connect waits for one of them."""
+    store, reads, digests = _reads(3, slow_after=0.0)
+    store.hold = asyncio.Event()
+    tasks = [asyncio.create_task(reads.read(d)) for d in digests]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert store.calls["admit_many"] == 2
+    store.hold.set()
+    assert all(await asyncio.wait_for(asyncio.gather(*tasks), 1))
+    assert store.calls["admit_many"] == 3
 
 
 async def test_a_connect_that_hangs_up_before_its_read_starts_is_not_read() -> None:
