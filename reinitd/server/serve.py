@@ -43,18 +43,30 @@ log = structlog.get_logger("reinitd.server.serve")
 EMBEDDED_DIR = Path(".reinitd")
 
 
-def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
+def bind(settings: Settings, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
     """The listening socket, before any other work: a port in use is the first error. It
     carries SO_KEEPALIVE, which every accepted connection inherits (Linux): aiohttp need not
-    set it per connection, a system call and a socket object each (`run_server`)."""
+    set it per connection, a system call and a socket object each (`run_server`).
+
+    With `listen` false the port is only held: bound, taking no connections. The supervisor
+    of `--workers` holds it so, from its start to its end: nothing else (the embedded
+    PostgreSQL picking a free port, another program) can take the port while the database
+    starts or a worker restarts, and each worker binds its own listening socket beside it
+    (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock = socket.create_server(
-            (settings.host, settings.port),
-            family=socket.AF_INET6 if ":" in settings.host else socket.AF_INET,
-            backlog=settings.backlog,
-            reuse_port=reuse_port,
-        )
+        # As socket.create_server does, listen apart.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((settings.host, settings.port))
+        if listen:
+            sock.listen(settings.backlog)
     except OSError as exc:
+        sock.close()
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         hint = (
             " (another server is there: pick another port with --port or REINITD_PORT, "
@@ -129,10 +141,10 @@ def embedded_database(settings: Settings) -> Iterator[Settings]:
 def _serve(settings: Settings, stop: Stop) -> int:
     settings = budgeted(settings)
     single = settings.workers == 1
-    sock = bind(settings, reuse_port=not single)
-    if not single:
-        sock.close()  # only a check: each worker binds its own socket (SO_REUSEPORT)
-    with embedded_database(settings) as ready:
+    # One process: its listening socket. Workers: the port held (bound, not listening) until
+    # the last worker is gone; each worker listens on a socket of its own beside it.
+    sock = bind(settings, reuse_port=not single, listen=single)
+    with sock, embedded_database(settings) as ready:
         if ready.migrate_database_url is None and stop.signal is None:
             # the embedded cluster's is done
             asyncio.run(migrate(ready.dsn, connect_timeout=ready.connect_timeout))
@@ -141,12 +153,14 @@ def _serve(settings: Settings, stop: Stop) -> int:
         if single:
             asyncio.run(run_server(ready, sock, stop))
             return 0
-        return run_workers(ready, lambda: _worker(ready), stop)
+        return run_workers(ready, lambda: _worker(ready, sock), stop)
 
 
-def _worker(settings: Settings) -> None:
-    """A worker's life, in its own process: a fresh signal policy, its own socket. A second
-    Ctrl-C (the terminal sends it to every process of the group) ends it quietly."""
+def _worker(settings: Settings, held: socket.socket) -> None:
+    """A worker's life, in its own process: a fresh signal policy, its own socket (the
+    supervisor's `held` one, inherited, is the supervisor's to keep). A second Ctrl-C (the
+    terminal sends it to every process of the group) ends it quietly."""
+    held.close()
     # Outermost: a second Ctrl-C may land anywhere, the restoring of the handlers included.
     with contextlib.suppress(KeyboardInterrupt), Stop().installed() as stop:
         # The supervisor's wake-up file is not this process's to write.

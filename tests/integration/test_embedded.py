@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import pwd
@@ -51,7 +52,16 @@ async def start() -> AsyncIterator[Starter]:
 
 
 async def ready(port: int, process: asyncio.subprocess.Process) -> None:
-    await wait_ready(f"http://127.0.0.1:{port}", process, timeout=60)
+    """Until /readyz answers 200; if it never does, fail with what the server printed so far."""
+    try:
+        await wait_ready(f"http://127.0.0.1:{port}", process, timeout=60)
+    except (TimeoutError, RuntimeError) as exc:
+        printed = []
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                with contextlib.suppress(TimeoutError):
+                    printed.append((await asyncio.wait_for(pipe.read(1 << 16), 2)).decode())
+        raise AssertionError(f"not ready ({exc!r}); it printed:\n" + "\n".join(printed)) from exc
 
 
 async def stop(process: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
@@ -389,9 +399,11 @@ async def worker_pids(pid: int) -> list[int]:
 async def test_workers_are_restarted_and_a_double_ctrl_c_stops_everything(
     tmp_path: Path,
 ) -> None:
-    """With --workers 2: a worker killed with SIGKILL is reported at once and replaced, the
-    port keeps answering; Ctrl-C twice to the whole process group (as a terminal sends it)
-    ends the parent, its workers and the embedded PostgreSQL, without a traceback."""
+    """With --workers 2: the port is held from the start, while the embedded PostgreSQL starts
+    and before any worker listens (nothing else can take it, and nothing connects to it yet);
+    a worker killed with SIGKILL is reported at once and replaced, the port keeps answering;
+    Ctrl-C twice to the whole process group (as a terminal sends it) ends the parent, its
+    workers and the embedded PostgreSQL, without a traceback."""
     os.chmod(tmp_path, 0o755)  # noqa: S103 -- traversable by an unprivileged PostgreSQL user
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
@@ -403,7 +415,17 @@ async def test_workers_are_restarted_and_a_double_ctrl_c_stops_everything(
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
     )
+    printed = b""
     try:
+        assert server.stderr is not None
+        async with asyncio.timeout(30):
+            while b"starting embedded PostgreSQL" not in printed:
+                printed += await server.stderr.readline()  # the port is bound before this line
+        with socket.socket() as other, pytest.raises(OSError, match="in use") as taken:
+            other.bind(("127.0.0.1", port))
+        assert taken.value.errno == errno.EADDRINUSE
+        with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+            client.connect(("127.0.0.1", port))  # held, not listening: no connect is queued
         await ready(port, server)
         async with asyncio.timeout(30):
             while len(workers := await worker_pids(server.pid)) < 2:
@@ -419,6 +441,7 @@ async def test_workers_are_restarted_and_a_double_ctrl_c_stops_everything(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)
+    stderr = printed + stderr
     assert b"Traceback" not in stderr, stderr
     events = [json.loads(line)["event"] for line in stdout.splitlines() if line.startswith(b"{")]
     assert "worker_died" in events
