@@ -238,7 +238,8 @@ SERVE: tuple[Option, ...] = (
         "resync_interval",
         "REINITD_RESYNC_INTERVAL",
         30.0,
-        "seconds between safety-net re-reads of the builds waited on",
+        "seconds between safety-net re-reads of the builds waited on (each wait drawn within "
+        "20 % of it, so that processes started together drift apart)",
         positive_number,
         metavar="SECONDS",
     ),

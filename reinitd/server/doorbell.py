@@ -6,6 +6,7 @@ import asyncio
 import collections
 import itertools
 import json
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,6 +34,10 @@ RECENT: Final = 8192
 # Workspaces per batched read: doorbells, and a resync's steps between them.
 READ_CHUNK: Final = 5000
 RESYNC_CHUNK: Final = 1000
+# The safety net waits its interval ± this share, drawn anew each time: workers forked
+# together, and replicas started together, would otherwise re-read every waiting workspace in
+# the same instant, every interval, for as long as they run.
+RESYNC_JITTER: Final = 0.2
 
 # What the database says about some workspaces (reinitd.server.claim.read_verdicts on a pool,
 # or an in-memory fake in the unit tests).
@@ -173,6 +178,11 @@ class Doorbell:
         ):
             self.ring(workspace_id, None)
 
+    def next_resync_in(self) -> float:
+        """How long the safety net waits after a resync starts: the interval ± RESYNC_JITTER."""
+        jitter = random.uniform(-RESYNC_JITTER, RESYNC_JITTER)  # noqa: S311 -- not cryptography
+        return self.resync_interval * (1 + jitter)
+
     def _wake_up(self) -> None:
         self._idle.clear()
         self._wake.set()
@@ -183,7 +193,7 @@ class Doorbell:
 
     async def run(self) -> None:
         failures = 0
-        next_resync = time.monotonic() + self.resync_interval
+        next_resync = time.monotonic() + self.next_resync_in()
         while True:
             if not (self._rung or self._resync or self._resync_asked):
                 self._idle.set()
@@ -205,7 +215,7 @@ class Doorbell:
                 self._resync = fresh + self._resync
                 self._resync_size, self._resync_settled = len(self._resync), 0
                 self._resync_started = time.monotonic()
-                next_resync = self._resync_started + self.resync_interval
+                next_resync = self._resync_started + self.next_resync_in()
             try:
                 await self._step()
                 failures = 0

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from reinitd.server.claim import PREBUILDS_USER_ID, Verdict, judge
-from reinitd.server.doorbell import RECENT, Doorbell
+from reinitd.server.doorbell import RECENT, RESYNC_JITTER, Doorbell
 from reinitd.server.hub import Delivery, End, Hub, Subscription
 from reinitd.wire import ReinitEvent
 
@@ -152,6 +152,34 @@ async def test_doorbells_go_before_a_long_resync(
         await asyncio.wait_for(doorbell.idle(), 5)
         assert [len(read) for read in database.reads] == [1000, 1, 1000, 1000, 501]
         assert database.reads[1] == [claimed]
+
+
+def test_the_safety_net_is_jittered_so_processes_drift_apart() -> None:
+    """Processes started together (forked workers, a rollout's replicas) do not keep
+    re-reading every waiting workspace in the same instant: each wait is drawn anew, within
+    RESYNC_JITTER of the interval, and they differ."""
+    doorbell = Doorbell(FakeDatabase().read, Hub(), resync_interval=30.0)
+    waits = [doorbell.next_resync_in() for _ in range(200)]
+    assert all(30.0 * (1 - RESYNC_JITTER) <= wait <= 30.0 * (1 + RESYNC_JITTER) for wait in waits)
+    assert max(waits) - min(waits) > 30.0 * RESYNC_JITTER  # spread, not one value
+
+
+async def test_the_safety_net_resyncs_again_after_its_interval() -> None:
+    """With nothing rung, the timer alone re-reads every waiting workspace, again and again."""
+    database, hub = FakeDatabase(), Hub()
+    workspace_id = database.prebuild()
+    doorbell = Doorbell(database.read, hub, resync_interval=0.05)
+    with hub.subscribe(workspace_id, wait=True):
+        task = asyncio.create_task(doorbell.run())
+        try:
+            async with asyncio.timeout(5):
+                while len(database.reads) < 3:
+                    await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert database.reads[:3] == [[workspace_id]] * 3
 
 
 async def test_only_workspaces_with_streams_here_are_read(
