@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from reinitd.server.claim import PREBUILDS_USER_ID, Verdict, judge
-from reinitd.server.doorbell import RECENT, RESYNC_JITTER, Doorbell
+from reinitd.server.doorbell import RECENT, RESYNC_CHUNK, RESYNC_JITTER, Doorbell
 from reinitd.server.hub import Delivery, End, Hub, Subscription
 from reinitd.wire import ReinitEvent
 
@@ -136,10 +136,10 @@ async def test_a_failed_read_keeps_its_doorbells(
 async def test_doorbells_go_before_a_long_resync(
     world: tuple[FakeDatabase, Hub, Doorbell],
 ) -> None:
-    """A resync of 3 500 waiting workspaces is read in chunks; a doorbell rung meanwhile is read
+    """A resync of three and a half chunks is read chunk by chunk; a doorbell rung meanwhile is read
     right after the chunk in flight, not after the whole resync."""
     database, hub, doorbell = world
-    waiting = [database.prebuild() for _ in range(3500)]
+    waiting = [database.prebuild() for _ in range(3 * RESYNC_CHUNK + RESYNC_CHUNK // 2)]
     claimed = database.prebuild()
     with contextlib.ExitStack() as stack:
         for workspace_id in [*waiting, claimed]:
@@ -150,7 +150,8 @@ async def test_doorbells_go_before_a_long_resync(
         doorbell.ring(claimed)
         database.gate.set()
         await asyncio.wait_for(doorbell.idle(), 5)
-        assert [len(read) for read in database.reads] == [1000, 1, 1000, 1000, 501]
+        step = RESYNC_CHUNK
+        assert [len(read) for read in database.reads] == [step, 1, step, step, step // 2 + 1]
         assert database.reads[1] == [claimed]
 
 
