@@ -49,10 +49,11 @@ def bind(settings: Settings, *, reuse_port: bool = False, listen: bool = True) -
     set it per connection, a system call and a socket object each (`run_server`).
 
     With `listen` false the port is only held: bound, taking no connections. The supervisor
-    of `--workers` holds it so, from its start to its end: nothing else (the embedded
-    PostgreSQL picking a free port, another program) can take the port while the database
-    starts or a worker restarts, and each worker binds its own listening socket beside it
-    (SO_REUSEPORT)."""
+    of `--workers` holds it so, from its start to its end, and each worker binds its own
+    listening socket beside it (SO_REUSEPORT): while the database starts or a worker
+    restarts, no free-port pick (the embedded PostgreSQL's, a bind to port 0) lands on it,
+    nor a bind without SO_REUSEADDR. (A program that sets SO_REUSEADDR and asks for this very
+    port still can, until a worker listens: docs/protocol.md §5.7.)"""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

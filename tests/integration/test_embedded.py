@@ -400,7 +400,7 @@ async def test_workers_are_restarted_and_a_double_ctrl_c_stops_everything(
     tmp_path: Path,
 ) -> None:
     """With --workers 2: the port is held from the start, while the embedded PostgreSQL starts
-    and before any worker listens (nothing else can take it, and nothing connects to it yet);
+    and before any worker listens (a plain bind is refused, and nothing connects to it yet);
     a worker killed with SIGKILL is reported at once and replaced, the port keeps answering;
     Ctrl-C twice to the whole process group (as a terminal sends it) ends the parent, its
     workers and the embedded PostgreSQL, without a traceback."""

@@ -58,7 +58,9 @@ def _subordinate_ids() -> bool:
         except OSError:
             return False
         ranges = [line.split(":") for line in lines if line.count(":") == 2]
-        if not any(name in names and int(count) >= 65536 for name, _, count in ranges):
+        if not any(
+            name in names and count.isdigit() and int(count) >= 65536 for name, _, count in ranges
+        ):
             return False
     return True
 
